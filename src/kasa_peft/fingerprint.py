@@ -1,0 +1,64 @@
+"""Fingerprints that tell whether a base weight is the one an adapter was made for.
+
+A fingerprint is the weight's Frobenius norm and four random bilinear projections
+``l_i^T W r_i`` with fixed-seed Gaussian vectors, all in float64. Unlike a byte hash it
+survives a change of storage dtype (an adapter made on float32 weights loads onto the same
+model in bfloat16), while any change of the weight beyond rounding moves the projections by
+about its own Frobenius norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FINGERPRINT_SEED = 20241209
+_PROJECTIONS = 4
+_ROW_CHUNK = 1024
+
+# Unit roundoff of each storage dtype: rounding a weight changes each projection by a
+# random amount with standard deviation of about 0.6 * u * ||W||_F.
+_UNIT_ROUNDOFF = {
+    torch.float64: 2.0**-53,
+    torch.float32: 2.0**-24,
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+}
+
+
+def weight_fingerprint(matrix: torch.Tensor) -> torch.Tensor:
+    """Return the float64 CPU fingerprint (5,) of a weight in (out, in) orientation.
+
+    Rows are converted to float64 in chunks, so the extra memory is a small fraction of
+    the weight.
+    """
+    out_features, in_features = matrix.shape
+    generator = torch.Generator().manual_seed(FINGERPRINT_SEED)
+    left = torch.randn(out_features, _PROJECTIONS, generator=generator, dtype=torch.float64)
+    right = torch.randn(in_features, _PROJECTIONS, generator=generator, dtype=torch.float64)
+    left = left.to(matrix.device)
+    right = right.to(matrix.device)
+    projections = torch.zeros(_PROJECTIONS, dtype=torch.float64, device=matrix.device)
+    squared_norm = torch.zeros((), dtype=torch.float64, device=matrix.device)
+    with torch.no_grad():
+        for start in range(0, out_features, _ROW_CHUNK):
+            rows = matrix[start : start + _ROW_CHUNK].to(torch.float64)
+            projections += ((rows @ right) * left[start : start + _ROW_CHUNK]).sum(dim=0)
+            squared_norm += (rows * rows).sum()
+    return torch.cat([squared_norm.sqrt().reshape(1), projections]).cpu()
+
+
+def fingerprint_tolerance(*dtypes: torch.dtype) -> float:
+    """Return the relative tolerance for comparing fingerprints of weights stored in ``dtypes``.
+
+    It is 16 unit roundoffs of the coarsest dtype (about 27 standard deviations of the
+    rounding noise), and never below 1e-9 to absorb float64 summation order.
+    """
+    roundoff = max(_UNIT_ROUNDOFF.get(dtype, 2.0**-8) for dtype in dtypes)
+    return max(16 * roundoff, 1e-9)
+
+
+def fingerprint_mismatch(saved: torch.Tensor, current: torch.Tensor, tolerance: float) -> float | None:
+    """Return the relative difference of two fingerprints if it exceeds ``tolerance``, else None."""
+    scale = max(float(saved[0]), float(current[0]), 1e-30)
+    difference = float((saved.to(torch.float64) - current.to(torch.float64)).abs().max()) / scale
+    return difference if difference > tolerance else None

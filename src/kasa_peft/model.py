@@ -1,0 +1,574 @@
+"""``KasaModel``: wraps any PyTorch model and manages its named KaSA adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._version import __version__
+from .adapter_files import AdapterFileError, read_adapter_folder, write_adapter_folder
+from .config import KasaConfig
+from .fingerprint import fingerprint_mismatch, fingerprint_tolerance, weight_fingerprint
+from .layer import KasaLayer
+from .modules_to_save import ModulesToSaveWrapper
+from .targeting import default_target_modules, is_conv1d, is_supported_layer, name_matches
+from .truncation import Truncation, smallest_singular_triplets, validate_rank
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ADAPTER = "default"
+_ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_diag", "removed_U", "removed_S", "removed_Vh")
+_MODULES_TO_SAVE_PREFIX = "modules_to_save."
+# Show a progress bar over layers when the targets hold more weights than this.
+_PROGRESS_MIN_ELEMENTS = 100_000_000
+
+
+def _progress(items: list, enabled: bool, description: str):
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=description, unit="layer")
+
+
+class KasaModel(nn.Module):
+    """A model whose targeted layers carry KaSA adapters.
+
+    Calling it forwards every argument to the wrapped model, and unknown attributes are
+    looked up on the wrapped model, so ``generate``, ``config`` and the like work as before.
+    The wrapped model is modified in place: targeted layers are replaced by ``KasaLayer``
+    and ``modules_to_save`` by ``ModulesToSaveWrapper``. ``unload()`` undoes that.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: KasaConfig,
+        adapter_name: str = DEFAULT_ADAPTER,
+        *,
+        truncation_cache: Any = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(model, KasaModel):
+            raise TypeError("model is already a KasaModel; call add_adapter on it instead of wrapping it again.")
+        self.base_model = model
+        self.peft_config: dict[str, KasaConfig] = {}
+        self.active_adapter: str | None = None
+        self.truncation_cache = truncation_cache
+        self._unloaded = False
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # ----- plumbing -------------------------------------------------------------------
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_usable()
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the wrapped model's ``generate`` (transformers generation models)."""
+        self._check_usable()
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def _check_usable(self) -> None:
+        if self._unloaded:
+            raise RuntimeError(
+                "this KasaModel was unloaded or merged; use the model that unload() or merge_and_unload() returned."
+            )
+
+    def kasa_layers(self) -> Iterator[tuple[str, KasaLayer]]:
+        """Yield ``(module name, layer)`` for every adapted layer, names relative to the wrapped model."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, KasaLayer):
+                yield name, module
+
+    def _saved_module_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    def _replace_module(self, name: str, new_module: nn.Module) -> None:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+        setattr(parent, child_name, new_module)
+
+    # ----- adding and choosing adapters ---------------------------------------------------
+
+    def _find_targets(self, config: KasaConfig) -> list[tuple[str, nn.Module]]:
+        spec = config.target_modules if config.target_modules is not None else default_target_modules(self.base_model)
+        targets: list[tuple[str, nn.Module]] = []
+        for name, module in self.base_model.named_modules():
+            if not name or ".kasa_adapters." in f".{name}." or name.endswith(".base_layer"):
+                continue
+            if isinstance(module, ModulesToSaveWrapper) or ".copies." in name or ".original_module" in name:
+                continue
+            if not name_matches(name, spec):
+                continue
+            if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+                continue
+            base = module.base_layer if isinstance(module, KasaLayer) else module
+            if not is_supported_layer(base):
+                raise TypeError(
+                    f"module {name!r} matches target_modules={spec!r} but is a {type(base).__name__}; KaSA adapts "
+                    "only torch.nn.Linear and transformers Conv1D layers. Narrow target_modules to those layers."
+                )
+            targets.append((name, module))
+        if not targets:
+            candidates = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in self.base_model.named_modules() if is_supported_layer(m)}
+            )
+            raise ValueError(
+                f"target_modules={spec!r} matched no module of {type(self.base_model).__name__}. "
+                f"Linear/Conv1D layer names in this model include: {candidates[:20]}."
+            )
+        return targets
+
+    def _compute_truncation(self, matrix: torch.Tensor, r: int, method: str) -> Truncation:
+        if self.truncation_cache is not None:
+            return self.truncation_cache.get_or_compute(matrix, r, method)
+        return smallest_singular_triplets(matrix, r, method)
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        config: KasaConfig,
+        *,
+        truncations: dict[str, Truncation] | None = None,
+    ) -> None:
+        """Add adapter ``adapter_name`` to the targeted layers (it does not become active).
+
+        Args:
+            adapter_name: a new name without dots.
+            config: the adapter's hyper-parameters.
+            truncations: precomputed removed triplets by module name; modules missing here
+                are truncated now (``from_pretrained`` passes the stored ones).
+        """
+        self._check_usable()
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter name {adapter_name!r} is invalid: use a non-empty name without dots.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or choose another name.")
+        if not isinstance(config, KasaConfig):
+            raise TypeError(f"config must be a KasaConfig, got {type(config).__name__}.")
+
+        targets = self._find_targets(config)
+        # Validate every rank before the first (possibly slow) truncation, so bad input fails fast.
+        for name, module in targets:
+            layer = module if isinstance(module, KasaLayer) else KasaLayer(module)
+            validate_rank(config.rank_for(name), tuple(layer.base_weight_matrix().shape), name=name)
+
+        total_elements = sum(m.weight.numel() for _, m in targets)
+        added: list[KasaLayer] = []
+        try:
+            for name, module in _progress(targets, total_elements > _PROGRESS_MIN_ELEMENTS, "KaSA truncation"):
+                layer = module if isinstance(module, KasaLayer) else KasaLayer(module)
+                r = config.rank_for(name)
+                truncation = (truncations or {}).get(name)
+                if truncation is not None and truncation.rank != r:
+                    raise ValueError(
+                        f"stored truncation of module {name!r} has rank {truncation.rank} but the config asks for r={r}."
+                    )
+                if truncation is None:
+                    try:
+                        truncation = self._compute_truncation(layer.base_weight_matrix(), r, config.truncation_method)
+                    except ValueError as error:
+                        raise ValueError(f"cannot truncate module {name!r}: {error}") from None
+                layer.add_adapter(adapter_name, truncation, config.scaling_for(name), config.dropout)
+                added.append(layer)
+                if layer is not module:
+                    self._replace_module(name, layer)
+                logger.debug("added adapter %r to %s (r=%d)", adapter_name, name, r)
+        except BaseException:
+            for layer in added:
+                if adapter_name in layer.kasa_adapters:
+                    del layer.kasa_adapters[adapter_name]
+            raise
+
+        for name in config.modules_to_save or []:
+            self._add_module_to_save(name, adapter_name)
+        self.peft_config[adapter_name] = config
+        self._set_trainable()
+        logger.info("added KaSA adapter %r to %d layers", adapter_name, len(targets))
+
+    def _add_module_to_save(self, spec: str, adapter_name: str) -> None:
+        matched = False
+        for name, module in list(self.base_model.named_modules()):
+            if not name or not name_matches(name, [spec]):
+                continue
+            if ".copies." in name or name.endswith(".original_module") or isinstance(module, KasaLayer):
+                continue
+            if ".kasa_adapters." in f".{name}." or name.endswith(".base_layer"):
+                continue
+            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+            if wrapper is not module:
+                self._replace_module(name, wrapper)
+            wrapper.add_adapter(adapter_name)
+            matched = True
+        if not matched:
+            raise ValueError(f"modules_to_save entry {spec!r} matched no module; check the name (a suffix such as 'classifier').")
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter and the only trainable one."""
+        self._check_usable()
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; available adapters: {list(self.peft_config)}.")
+        for _, layer in self.kasa_layers():
+            if layer.merged_adapter is not None and layer.merged_adapter != adapter_name:
+                raise RuntimeError(f"adapter {layer.merged_adapter!r} is merged; call unmerge_adapter() first.")
+            layer.active_adapter = adapter_name if adapter_name in layer.kasa_adapters else None
+        for _, wrapper in self._saved_module_wrappers():
+            wrapper.active_adapter = adapter_name if adapter_name in wrapper.copies else None
+        self.active_adapter = adapter_name
+        self._set_trainable()
+
+    def _set_trainable(self, trainable: bool = True) -> None:
+        for _, layer in self.kasa_layers():
+            for name, adapter in layer.kasa_adapters.items():
+                adapter.requires_grad_(trainable and name == self.active_adapter)
+        for _, wrapper in self._saved_module_wrappers():
+            for name, copy in wrapper.copies.items():
+                copy.requires_grad_(trainable and name == self.active_adapter)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` from every layer."""
+        self._check_usable()
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; available adapters: {list(self.peft_config)}.")
+        for _, layer in self.kasa_layers():
+            if adapter_name in layer.kasa_adapters:
+                layer.delete_adapter(adapter_name)
+        for _, wrapper in self._saved_module_wrappers():
+            if adapter_name in wrapper.copies:
+                wrapper.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the original model inside this context: adapters and saved-module copies are bypassed.
+
+        A merged adapter is unmerged for the duration (exactly, from the kept weight) and
+        merged again afterwards.
+        """
+        self._check_usable()
+        merged = [(layer, layer.merged_adapter) for _, layer in self.kasa_layers() if layer.merged_adapter is not None]
+        for layer, _ in merged:
+            layer.unmerge()
+        switched = [m for _, m in self.kasa_layers()] + [m for _, m in self._saved_module_wrappers()]
+        previous = [m.disabled for m in switched]
+        for module in switched:
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module, was_disabled in zip(switched, previous):
+                module.disabled = was_disabled
+            for layer, name in merged:
+                layer.merge(name)
+
+    # ----- the regularizer --------------------------------------------------------------
+
+    def regularization_loss(self, adapter_name: str | None = None) -> torch.Tensor:
+        """Return the KaSA regularizer of one adapter (default: the active one).
+
+        Per adapted layer ``beta * sum(d^2) + gamma * (||B^T B - I_r||_F + ||A A^T - I_r||_F)``,
+        summed over layers and divided by their number, in float32. Add it to the task
+        loss: ``loss = task_loss + model.regularization_loss()``.
+        """
+        self._check_usable()
+        adapter_name = adapter_name or self.active_adapter
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; available adapters: {list(self.peft_config)}.")
+        config = self.peft_config[adapter_name]
+        terms = [
+            layer.kasa_adapters[adapter_name].regularization(config.beta, config.gamma, config.gram_convention)
+            for _, layer in self.kasa_layers()
+            if adapter_name in layer.kasa_adapters
+        ]
+        return torch.stack(terms).sum() / len(terms)
+
+    # ----- merging and unloading --------------------------------------------------------
+
+    def merge_adapter(self, adapter_name: str | None = None) -> None:
+        """Fold an adapter into the base weights in place, keeping the originals for ``unmerge_adapter``."""
+        self._check_usable()
+        adapter_name = adapter_name or self.active_adapter
+        if adapter_name != self.active_adapter:
+            self.set_adapter(adapter_name)
+        for _, layer in self.kasa_layers():
+            if adapter_name in layer.kasa_adapters:
+                layer.merge(adapter_name, keep_original=True)
+
+    def unmerge_adapter(self) -> None:
+        """Restore the exact base weights replaced by ``merge_adapter``."""
+        self._check_usable()
+        for _, layer in self.kasa_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Return the wrapped model with the active adapter folded into its weights.
+
+        Adapted layers become plain ``Linear``/``Conv1D`` layers with weight
+        ``W - U diag(S) Vh + scaling * B diag(d) A``, and saved modules become the active
+        adapter's copies. This KasaModel cannot be used afterwards.
+        """
+        self._check_usable()
+        if self.active_adapter is None:
+            raise ValueError("no active adapter to merge; call set_adapter first.")
+        for name, layer in list(self.kasa_layers()):
+            if layer.merged_adapter is not None:
+                layer.unmerge()
+            if self.active_adapter in layer.kasa_adapters:
+                layer.merge(self.active_adapter, keep_original=False)
+            self._replace_module(name, layer.base_layer)
+        for name, wrapper in list(self._saved_module_wrappers()):
+            self._replace_module(name, wrapper.current_module())
+        return self._finish_unload()
+
+    def unload(self) -> nn.Module:
+        """Return the wrapped model with every adapter removed and its original weights."""
+        self._check_usable()
+        for name, layer in list(self.kasa_layers()):
+            layer.unmerge()
+            self._replace_module(name, layer.base_layer)
+        for name, wrapper in list(self._saved_module_wrappers()):
+            self._replace_module(name, wrapper.original_module)
+        return self._finish_unload()
+
+    def _finish_unload(self) -> nn.Module:
+        model = self.base_model
+        self._unloaded = True
+        return model
+
+    # ----- parameter counts -------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """Return ``(trainable parameters, all parameters)``.
+
+        Like PEFT, the total counts every parameter once: base model, adapters, and the
+        per-adapter copies of ``modules_to_save``. Removed triplets are buffers, not parameters.
+        """
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print trainable and total parameter counts, as PEFT does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ----- saving and loading -----------------------------------------------------------
+
+    def adapter_state(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Return adapter ``adapter_name``'s tensors by file key (as ``save_pretrained`` writes them)."""
+        adapter_name = adapter_name or self.active_adapter
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in self.kasa_layers():
+            if adapter_name not in layer.kasa_adapters:
+                continue
+            adapter = layer.kasa_adapters[adapter_name]
+            for tensor_name in _ADAPTER_TENSORS:
+                tensors[f"{name}.{tensor_name}"] = getattr(adapter, tensor_name)
+            with torch.no_grad():
+                weight = layer._weight_before_merge if layer.merged_adapter else layer.base_layer.weight
+                matrix = weight.T if layer.fan_in_fan_out else weight
+                tensors[f"{name}.base_fingerprint"] = weight_fingerprint(matrix)
+        for name, wrapper in self._saved_module_wrappers():
+            if adapter_name in wrapper.copies:
+                for key, value in wrapper.copies[adapter_name].state_dict().items():
+                    tensors[f"{_MODULES_TO_SAVE_PREFIX}{name}.{key}"] = value
+        return tensors
+
+    def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+        """Write an adapter to ``save_directory`` (one folder per adapter), atomically.
+
+        The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with
+        A, B, d, the removed triplets, saved modules and a fingerprint of each base weight.
+        """
+        self._check_usable()
+        adapter_name = adapter_name or self.active_adapter
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; available adapters: {list(self.peft_config)}.")
+        targets = {}
+        for name, layer in self.kasa_layers():
+            if adapter_name in layer.kasa_adapters:
+                out_features, in_features = layer.base_weight_matrix().shape
+                targets[name] = {
+                    "shape": [out_features, in_features],
+                    "layer_type": "Conv1D" if layer.fan_in_fan_out else "Linear",
+                    "r": layer.kasa_adapters[adapter_name].r,
+                    "base_dtype": str(layer.base_layer.weight.dtype).removeprefix("torch."),
+                }
+        base_config = getattr(self.base_model, "config", None)
+        metadata = {
+            "method": "kasa",
+            "format_version": 1,
+            "kasa_peft_version": __version__,
+            "config": self.peft_config[adapter_name].to_dict(),
+            "base_model": {
+                "class": type(self.base_model).__name__,
+                "name_or_path": getattr(base_config, "_name_or_path", None) or None,
+            },
+            "targets": targets,
+            "modules_to_save": sorted(n for n, w in self._saved_module_wrappers() if adapter_name in w.copies),
+        }
+        return write_adapter_folder(save_directory, metadata, self.adapter_state(adapter_name))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        adapter_path: str | os.PathLike,
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+    ) -> "KasaModel":
+        """Load an adapter saved by ``save_pretrained`` onto ``model`` without any SVD.
+
+        Raises:
+            AdapterFileError: the folder is missing, incomplete, or does not fit ``model``
+                (the message names the first mismatching module).
+        """
+        metadata, tensors = read_adapter_folder(adapter_path)
+        config = KasaConfig.from_dict(metadata["config"])
+        truncations = _check_and_collect_truncations(model, metadata, tensors, adapter_path)
+        instance = cls.__new__(cls)
+        nn.Module.__init__(instance)
+        instance.base_model = model
+        instance.peft_config = {}
+        instance.active_adapter = None
+        instance.truncation_cache = None
+        instance._unloaded = False
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        instance._load_adapter_tensors(adapter_name, config, metadata, tensors, truncations)
+        instance.set_adapter(adapter_name)
+        if not is_trainable:
+            instance._set_trainable(False)
+            instance.eval()
+        return instance
+
+    def load_adapter(self, adapter_path: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Load a saved adapter as ``adapter_name`` beside the existing ones (it does not become active)."""
+        self._check_usable()
+        metadata, tensors = read_adapter_folder(adapter_path)
+        config = KasaConfig.from_dict(metadata["config"])
+        truncations = _check_and_collect_truncations(self.base_model, metadata, tensors, adapter_path)
+        self._load_adapter_tensors(adapter_name, config, metadata, tensors, truncations)
+        if not is_trainable:
+            for _, layer in self.kasa_layers():
+                if adapter_name in layer.kasa_adapters:
+                    layer.kasa_adapters[adapter_name].requires_grad_(False)
+
+    def _load_adapter_tensors(
+        self,
+        adapter_name: str,
+        config: KasaConfig,
+        metadata: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        truncations: dict[str, Truncation],
+    ) -> None:
+        # Target exactly the saved modules, whatever target_modules would match today.
+        names = list(metadata["targets"])
+        exact = KasaConfig.from_dict({**config.to_dict(), "target_modules": "|".join(re.escape(n) for n in names)})
+        exact.modules_to_save = None
+        exact.exclude_modules = None
+        self.add_adapter(adapter_name, exact, truncations=truncations)
+        self.peft_config[adapter_name] = config
+        with torch.no_grad():
+            for name, layer in self.kasa_layers():
+                if name not in truncations:
+                    continue
+                adapter = layer.kasa_adapters[adapter_name]
+                for tensor_name in ("lora_A", "lora_B", "lora_diag"):
+                    target = getattr(adapter, tensor_name)
+                    target.copy_(tensors[f"{name}.{tensor_name}"].to(target.dtype))
+        for module_name in metadata.get("modules_to_save", []):
+            prefix = f"{_MODULES_TO_SAVE_PREFIX}{module_name}."
+            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            self._add_module_to_save(module_name, adapter_name)
+            wrapper = self.base_model.get_submodule(module_name)
+            wrapper.copies[adapter_name].load_state_dict(state)
+        self._set_trainable()
+
+
+def _check_and_collect_truncations(
+    model: nn.Module, metadata: dict[str, Any], tensors: dict[str, torch.Tensor], adapter_path: Any
+) -> dict[str, Truncation]:
+    """Check that ``model`` is the base the adapter was saved on; return the stored triplets."""
+    modules = dict(model.named_modules())
+    truncations: dict[str, Truncation] = {}
+    for name, info in metadata["targets"].items():
+        module = modules.get(name)
+        if isinstance(module, KasaLayer):
+            module = module.base_layer
+        if module is None:
+            raise AdapterFileError(
+                f"module {name!r} of the adapter in {adapter_path} does not exist in {type(model).__name__}; "
+                "load the adapter onto the base model it was trained on."
+            )
+        if not is_supported_layer(module):
+            raise AdapterFileError(f"module {name!r} is a {type(module).__name__}, but the adapter expects {info['layer_type']}.")
+        weight = module.weight
+        matrix = weight.T if is_conv1d(module) else weight
+        if list(matrix.shape) != list(info["shape"]):
+            raise AdapterFileError(
+                f"module {name!r} has weight shape {list(matrix.shape)} (out, in) but the adapter in {adapter_path} "
+                f"was saved for {info['shape']}; load it onto the base model it was trained on."
+            )
+        missing = [t for t in _ADAPTER_TENSORS + ("base_fingerprint",) if f"{name}.{t}" not in tensors]
+        if missing:
+            raise AdapterFileError(f"{adapter_path} lacks tensors {missing} for module {name!r}; save the adapter again.")
+        saved_dtype = getattr(torch, info.get("base_dtype", "float32"), torch.float32)
+        tolerance = fingerprint_tolerance(saved_dtype, weight.dtype)
+        difference = fingerprint_mismatch(tensors[f"{name}.base_fingerprint"], weight_fingerprint(matrix.detach()), tolerance)
+        if difference is not None:
+            raise AdapterFileError(
+                f"base weight of module {name!r} differs from the one the adapter in {adapter_path} was trained on "
+                f"(relative fingerprint difference {difference:.3g}, tolerance {tolerance:.3g}). Load the adapter "
+                "onto the same base checkpoint it was saved with."
+            )
+        truncations[name] = Truncation(
+            U=tensors[f"{name}.removed_U"], S=tensors[f"{name}.removed_S"], Vh=tensors[f"{name}.removed_Vh"]
+        )
+    return truncations
+
+
+def get_kasa_model(
+    model: nn.Module,
+    config: KasaConfig,
+    adapter_name: str = DEFAULT_ADAPTER,
+    *,
+    truncation_cache: Any = None,
+) -> KasaModel:
+    """Wrap ``model`` with a new KaSA adapter; only adapter parameters and ``modules_to_save`` train.
+
+    Args:
+        model: any ``nn.Module``; it is modified in place.
+        config: the adapter's hyper-parameters.
+        adapter_name: the adapter's name.
+        truncation_cache: an optional object with ``get_or_compute(matrix, r, method)``
+            (see ``kasa_peft.truncation_cache.TruncationCache``) that reuses truncations
+            across runs on the same base weights.
+    """
+    return KasaModel(model, config, adapter_name, truncation_cache=truncation_cache)
