@@ -33,7 +33,9 @@ elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; the
     "${pip[@]}" install torch
 else
     echo "setup: no NVIDIA GPU found, installing the CPU build $cpu_torch"
-    "${pip[@]}" install "$cpu_torch" --extra-index-url "$cpu_index"
+    # One retry: where the CPU index is unreachable but a local copy of the wheel exists,
+    # pip would otherwise wait through five retries for each of torch's dependencies.
+    "${pip[@]}" install --retries 1 "$cpu_torch" --extra-index-url "$cpu_index"
 fi
 
 "${pip[@]}" install -e ".[$extras]"

@@ -47,14 +47,17 @@ def weight_fingerprint(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([squared_norm.sqrt().reshape(1), projections]).cpu()
 
 
-def fingerprint_tolerance(*dtypes: torch.dtype) -> float:
-    """Return the relative tolerance for comparing fingerprints of weights stored in ``dtypes``.
+def fingerprint_tolerance(saved_dtype: torch.dtype, current_dtype: torch.dtype) -> float:
+    """Return the relative tolerance for fingerprints of weights stored in these dtypes.
 
-    It is 16 unit roundoffs of the coarsest dtype (about 27 standard deviations of the
-    rounding noise), and never below 1e-9 to absorb float64 summation order.
+    The same dtype means the same bytes, so only float64 summation order can differ
+    (1e-9). Across dtypes it is 6 unit roundoffs of the coarser one, about 10 standard
+    deviations of the rounding noise.
     """
-    roundoff = max(_UNIT_ROUNDOFF.get(dtype, 2.0**-8) for dtype in dtypes)
-    return max(16 * roundoff, 1e-9)
+    if saved_dtype == current_dtype:
+        return 1e-9
+    roundoff = max(_UNIT_ROUNDOFF.get(dtype, 2.0**-8) for dtype in (saved_dtype, current_dtype))
+    return 6 * roundoff
 
 
 def fingerprint_mismatch(saved: torch.Tensor, current: torch.Tensor, tolerance: float) -> float | None:
