@@ -14,18 +14,18 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .adapter_files import AdapterFileError, read_adapter_folder, write_adapter_folder
+from .adapter_files import read_adapter_folder, write_adapter_folder
+from .base_match import ADAPTER_TENSORS, match_base_model
 from .config import KasaConfig
-from .fingerprint import fingerprint_mismatch, fingerprint_tolerance, weight_fingerprint
+from .fingerprint import weight_fingerprint
 from .layer import KasaLayer
 from .modules_to_save import ModulesToSaveWrapper
-from .targeting import default_target_modules, is_conv1d, is_supported_layer, name_matches
+from .targeting import default_target_modules, is_supported_layer, name_matches
 from .truncation import Truncation, smallest_singular_triplets, validate_rank
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADAPTER = "default"
-_ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_diag", "removed_U", "removed_S", "removed_Vh")
 _MODULES_TO_SAVE_PREFIX = "modules_to_save."
 # Show a progress bar over layers when the targets hold more weights than this.
 _PROGRESS_MIN_ELEMENTS = 100_000_000
@@ -58,9 +58,14 @@ class KasaModel(nn.Module):
         *,
         truncation_cache: Any = None,
     ) -> None:
-        super().__init__()
         if isinstance(model, KasaModel):
             raise TypeError("model is already a KasaModel; call add_adapter on it instead of wrapping it again.")
+        self._init_empty(model, truncation_cache)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    def _init_empty(self, model: nn.Module, truncation_cache: Any = None) -> None:
+        nn.Module.__init__(self)
         self.base_model = model
         self.peft_config: dict[str, KasaConfig] = {}
         self.active_adapter: str | None = None
@@ -68,8 +73,6 @@ class KasaModel(nn.Module):
         self._unloaded = False
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
 
     # ----- plumbing -------------------------------------------------------------------
 
@@ -388,7 +391,7 @@ class KasaModel(nn.Module):
             if adapter_name not in layer.kasa_adapters:
                 continue
             adapter = layer.kasa_adapters[adapter_name]
-            for tensor_name in _ADAPTER_TENSORS:
+            for tensor_name in ADAPTER_TENSORS:
                 tensors[f"{name}.{tensor_name}"] = getattr(adapter, tensor_name)
             with torch.no_grad():
                 weight = layer._weight_before_merge if layer.merged_adapter else layer.base_layer.weight
@@ -451,16 +454,9 @@ class KasaModel(nn.Module):
         """
         metadata, tensors = read_adapter_folder(adapter_path)
         config = KasaConfig.from_dict(metadata["config"])
-        truncations = _check_and_collect_truncations(model, metadata, tensors, adapter_path)
+        truncations = match_base_model(model, metadata, tensors, adapter_path)
         instance = cls.__new__(cls)
-        nn.Module.__init__(instance)
-        instance.base_model = model
-        instance.peft_config = {}
-        instance.active_adapter = None
-        instance.truncation_cache = None
-        instance._unloaded = False
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+        instance._init_empty(model)
         instance._load_adapter_tensors(adapter_name, config, metadata, tensors, truncations)
         instance.set_adapter(adapter_name)
         if not is_trainable:
@@ -473,7 +469,7 @@ class KasaModel(nn.Module):
         self._check_usable()
         metadata, tensors = read_adapter_folder(adapter_path)
         config = KasaConfig.from_dict(metadata["config"])
-        truncations = _check_and_collect_truncations(self.base_model, metadata, tensors, adapter_path)
+        truncations = match_base_model(self.base_model, metadata, tensors, adapter_path)
         self._load_adapter_tensors(adapter_name, config, metadata, tensors, truncations)
         if not is_trainable:
             for _, layer in self.kasa_layers():
@@ -510,48 +506,6 @@ class KasaModel(nn.Module):
             wrapper = self.base_model.get_submodule(module_name)
             wrapper.copies[adapter_name].load_state_dict(state)
         self._set_trainable()
-
-
-def _check_and_collect_truncations(
-    model: nn.Module, metadata: dict[str, Any], tensors: dict[str, torch.Tensor], adapter_path: Any
-) -> dict[str, Truncation]:
-    """Check that ``model`` is the base the adapter was saved on; return the stored triplets."""
-    modules = dict(model.named_modules())
-    truncations: dict[str, Truncation] = {}
-    for name, info in metadata["targets"].items():
-        module = modules.get(name)
-        if isinstance(module, KasaLayer):
-            module = module.base_layer
-        if module is None:
-            raise AdapterFileError(
-                f"module {name!r} of the adapter in {adapter_path} does not exist in {type(model).__name__}; "
-                "load the adapter onto the base model it was trained on."
-            )
-        if not is_supported_layer(module):
-            raise AdapterFileError(f"module {name!r} is a {type(module).__name__}, but the adapter expects {info['layer_type']}.")
-        weight = module.weight
-        matrix = weight.T if is_conv1d(module) else weight
-        if list(matrix.shape) != list(info["shape"]):
-            raise AdapterFileError(
-                f"module {name!r} has weight shape {list(matrix.shape)} (out, in) but the adapter in {adapter_path} "
-                f"was saved for {info['shape']}; load it onto the base model it was trained on."
-            )
-        missing = [t for t in _ADAPTER_TENSORS + ("base_fingerprint",) if f"{name}.{t}" not in tensors]
-        if missing:
-            raise AdapterFileError(f"{adapter_path} lacks tensors {missing} for module {name!r}; save the adapter again.")
-        saved_dtype = getattr(torch, info.get("base_dtype", "float32"), torch.float32)
-        tolerance = fingerprint_tolerance(saved_dtype, weight.dtype)
-        difference = fingerprint_mismatch(tensors[f"{name}.base_fingerprint"], weight_fingerprint(matrix.detach()), tolerance)
-        if difference is not None:
-            raise AdapterFileError(
-                f"base weight of module {name!r} differs from the one the adapter in {adapter_path} was trained on "
-                f"(relative fingerprint difference {difference:.3g}, tolerance {tolerance:.3g}). Load the adapter "
-                "onto the same base checkpoint it was saved with."
-            )
-        truncations[name] = Truncation(
-            U=tensors[f"{name}.removed_U"], S=tensors[f"{name}.removed_S"], Vh=tensors[f"{name}.removed_Vh"]
-        )
-    return truncations
 
 
 def get_kasa_model(
