@@ -51,7 +51,8 @@ MetricInput = Sequence[object] | torch.Tensor
 def _as_list(values: MetricInput, name: str) -> list:
     if isinstance(values, torch.Tensor):
         if values.dim() != 1:
-            raise ValueError(f"{name} must be a 1-D tensor; got shape {tuple(values.shape)}. Flatten or squeeze it first.")
+            shape = tuple(values.shape)
+            raise ValueError(f"{name} must be a 1-D tensor; got shape {shape}. Flatten or squeeze it first.")
         return values.tolist()
     return list(values)
 
