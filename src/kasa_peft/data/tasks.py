@@ -254,7 +254,7 @@ def glue_task(name: str, data_dir: str | Path | None = None) -> TaskSpec:
     ``data_dir`` is either the task folder (containing ``train.tsv`` and
     ``validation.tsv``) or a folder above it with a ``<name>/`` subfolder. Without
     ``data_dir`` the task has no files, and ``load_split`` raises a ``DataError``
-    that tells the user to pass one. A split file that is absent (QNLI's training set, for example) is
+    whose message requests a ``data_dir``. A split file that is absent (QNLI's training set, for example) is
     reported by ``load_split``. Raises ``DataError`` for an unknown name.
     """
     key = name.lower()
