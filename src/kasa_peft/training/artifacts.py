@@ -1,0 +1,191 @@
+"""The files of a training output folder, and the run information saved with a model.
+
+An output folder contains:
+
+- the best model, written by ``MethodModel.save``: ``adapter_config.json`` and
+  ``adapter_model.safetensors`` for the adapter methods (task head included), or
+  ``config.json`` and ``model.safetensors`` for ``full``;
+- ``kasa_peft_task.json`` (``RunInfo``): method, base model, task, label mapping, max
+  length and text columns, everything ``kasa-peft evaluate`` and ``predict`` need to
+  rebuild the model;
+- ``label_mapping.json`` for classification tasks;
+- ``train_config.json``: the resolved training options;
+- ``metrics.json``: evaluation history, best score, parameter counts, time, memory,
+  versions and hardware;
+- ``train.log``: the training log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kasa_peft._version import __version__
+
+logger = logging.getLogger(__name__)
+
+RUN_INFO_NAME = "kasa_peft_task.json"
+LABEL_MAPPING_NAME = "label_mapping.json"
+TRAIN_CONFIG_NAME = "train_config.json"
+METRICS_NAME = "metrics.json"
+LOG_NAME = "train.log"
+RUN_INFO_FORMAT_VERSION = 1
+
+
+class RunInfoError(ValueError):
+    """A model folder lacks ``kasa_peft_task.json`` or the file is invalid."""
+
+
+@dataclass
+class RunInfo:
+    """What a saved model was trained for, stored as ``kasa_peft_task.json``.
+
+    Attributes:
+        method: the fine-tuning method (``kasa``, ``lora``, ``pissa``, ``full``, ``peft-kasa``).
+        base_model: the base model's folder (absolute) or hub id.
+        task: the task as ``TaskSpec.to_dict`` returns it, with absolute file paths.
+        labels: the classification labels in class-id order, None for regression.
+        max_length: the tokenization limit used in training.
+    """
+
+    method: str
+    base_model: str
+    task: dict[str, Any]
+    labels: list[str] | None
+    max_length: int
+    kasa_peft_version: str = __version__
+    format_version: int = RUN_INFO_FORMAT_VERSION
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write ``kasa_peft_task.json`` into ``directory``."""
+        write_json(Path(directory) / RUN_INFO_NAME, asdict(self))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> RunInfo:
+        """Read ``kasa_peft_task.json`` from ``directory``; raise ``RunInfoError`` if it is missing or invalid."""
+        path = Path(directory) / RUN_INFO_NAME
+        if not Path(directory).is_dir():
+            raise RunInfoError(f"model folder {str(directory)!r} not found; pass the --output-dir of a training run.")
+        if not path.is_file():
+            raise RunInfoError(
+                f"{path} not found: {directory} is not a kasa-peft training output, or training was stopped before "
+                "the first checkpoint. Pass the --output-dir of a finished training run."
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise RunInfoError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(data, dict) or data.get("format_version") != RUN_INFO_FORMAT_VERSION:
+            raise RunInfoError(
+                f"{path} has format_version {data.get('format_version') if isinstance(data, dict) else None!r}; "
+                f"this kasa-peft reads version {RUN_INFO_FORMAT_VERSION}. Train the model again with this version."
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RunInfoError(f"{path} has unknown keys {unknown}; it was written by another kasa-peft version.")
+        try:
+            return cls(**data)
+        except TypeError as error:
+            raise RunInfoError(f"{path} is incomplete: {error}") from None
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented UTF-8 JSON through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class TrainLog:
+    """Context manager that copies the ``kasa_peft`` log records to ``train.log``.
+
+    The file handler is attached to the ``kasa_peft`` logger at INFO level and removed
+    on exit, so runs in one process do not write into each other's logs.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory) / LOG_NAME
+        self.handler: logging.FileHandler | None = None
+        self._previous_level: int | None = None
+
+    def __enter__(self) -> TrainLog:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handler = logging.FileHandler(self.path, mode="w", encoding="utf-8")
+        self.handler.setLevel(logging.INFO)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        package_logger = logging.getLogger("kasa_peft")
+        self._previous_level = package_logger.level
+        if package_logger.getEffectiveLevel() > logging.INFO:
+            package_logger.setLevel(logging.INFO)
+        package_logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        package_logger = logging.getLogger("kasa_peft")
+        if self.handler is not None:
+            package_logger.removeHandler(self.handler)
+            self.handler.close()
+        if self._previous_level is not None:
+            package_logger.setLevel(self._previous_level)
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    """Return library versions and a description of the hardware the run used."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "kasa_peft": __version__}
+    for name in ("transformers", "peft"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", None)
+    hardware: dict[str, Any] = {
+        "device": str(device),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        hardware["gpu"] = torch.cuda.get_device_name(device)
+    return {"versions": versions, "hardware": hardware}
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory measurement on a CUDA device (CPU peaks cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """Return the peak memory of the run in bytes and how it was measured.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` since ``reset_peak_memory``. CPU: the
+    process's maximum resident set size (``getrusage``), which includes everything the
+    process did before training, such as loading the model.
+    """
+    if device.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(device)), "measure": "torch.cuda.max_memory_allocated"}
+    try:
+        import resource
+    except ImportError:  # Windows has no getrusage
+        return {"bytes": None, "measure": "unavailable on this platform"}
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kilobytes, macOS bytes.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"bytes": int(max_rss * scale), "measure": "getrusage max RSS of the process"}
