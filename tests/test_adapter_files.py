@@ -220,18 +220,7 @@ def test_weights_file_contents(model_case, tmp_path):
 # ----- fingerprints and shapes -------------------------------------------------------------------
 
 
-def test_fingerprint_mismatch_names_first_module(model_case, tmp_path, request):
-    if model_case.name == "llama":
-        # Only here does alphabetical order differ from module order (mlp.down_proj sorts
-        # before self_attn.v_proj), so only here does the check below see the difference.
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="adapter_config.json is written with sort_keys=True, so targets are checked in "
-                "alphabetical order and the error names the alphabetically first mismatch, not the first "
-                "in module order",
-            )
-        )
+def test_fingerprint_mismatch_names_first_module(model_case, tmp_path):
     trained_model(model_case).save_pretrained(tmp_path)
     base = model_case.base()
     generator = torch.Generator().manual_seed(7)
@@ -264,11 +253,6 @@ def test_single_entry_change_detected(llama_case, tmp_path):
         KasaModel.from_pretrained(base, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fingerprint_mismatch compares a NaN difference with '>', which is False, so a base "
-    "weight containing NaN or inf passes the fingerprint check",
-)
 @pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_non_finite_base_weight_rejected(llama_case, tmp_path, value):
     trained_model(llama_case).save_pretrained(tmp_path)

@@ -519,11 +519,6 @@ def test_duplicate_adapter_name_rejected(model_case):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="add_adapter checks modules_to_save only after every layer received the adapter, and its "
-    "rollback covers only the layer loop, so the adapter stays in each KasaLayer",
-)
 def test_failed_add_adapter_leaves_no_trace(model_case):
     model = model_case.wrap()
     keys = set(model.state_dict())

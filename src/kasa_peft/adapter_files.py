@@ -64,7 +64,8 @@ def write_adapter_folder(directory: str | os.PathLike, metadata: dict[str, Any],
         config_fd, config_tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
         temporary.append(Path(config_tmp))
         with os.fdopen(config_fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=2, sort_keys=True)
+            # Keys keep their order: targets are listed in model order.
+            json.dump(record, handle, indent=2)
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())

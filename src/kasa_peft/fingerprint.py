@@ -9,6 +9,8 @@ about its own Frobenius norm.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 FINGERPRINT_SEED = 20241209
@@ -61,7 +63,10 @@ def fingerprint_tolerance(saved_dtype: torch.dtype, current_dtype: torch.dtype) 
 
 
 def fingerprint_mismatch(saved: torch.Tensor, current: torch.Tensor, tolerance: float) -> float | None:
-    """Return the relative difference of two fingerprints if it exceeds ``tolerance``, else None."""
+    """Return the relative difference of two fingerprints if it exceeds ``tolerance``, else None.
+
+    A non-finite difference (a NaN or infinite weight) is always a mismatch.
+    """
     scale = max(float(saved[0]), float(current[0]), 1e-30)
     difference = float((saved.to(torch.float64) - current.to(torch.float64)).abs().max()) / scale
-    return difference if difference > tolerance else None
+    return difference if not math.isfinite(difference) or difference > tolerance else None

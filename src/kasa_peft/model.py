@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .adapter_files import read_adapter_folder, write_adapter_folder
+from .adapter_files import AdapterFileError, read_adapter_folder, write_adapter_folder
 from .base_match import ADAPTER_TENSORS, match_base_model
 from .config import KasaConfig
 from .fingerprint import weight_fingerprint
@@ -60,8 +60,15 @@ class KasaModel(nn.Module):
     ) -> None:
         if isinstance(model, KasaModel):
             raise TypeError("model is already a KasaModel; call add_adapter on it instead of wrapping it again.")
+        requires_grad = [parameter.requires_grad for parameter in model.parameters()]
         self._init_empty(model, truncation_cache)
-        self.add_adapter(adapter_name, config)
+        try:
+            self.add_adapter(adapter_name, config)
+        except BaseException:
+            # add_adapter already put the layers back; give the parameters back their flags.
+            for parameter, flag in zip(model.parameters(), requires_grad):
+                parameter.requires_grad_(flag)
+            raise
         self.set_adapter(adapter_name)
 
     def _init_empty(self, model: nn.Module, truncation_cache: Any = None) -> None:
@@ -157,6 +164,7 @@ class KasaModel(nn.Module):
         config: KasaConfig,
         *,
         truncations: dict[str, Truncation] | None = None,
+        exact_module_names: bool = False,
     ) -> None:
         """Add adapter ``adapter_name`` to the targeted layers (it does not become active).
 
@@ -165,6 +173,8 @@ class KasaModel(nn.Module):
             config: the adapter's hyper-parameters.
             truncations: precomputed removed triplets by module name; modules missing here
                 are truncated now (``from_pretrained`` passes the stored ones).
+            exact_module_names: match ``modules_to_save`` entries as full module names
+                rather than suffixes.
         """
         self._check_usable()
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
@@ -175,13 +185,15 @@ class KasaModel(nn.Module):
             raise TypeError(f"config must be a KasaConfig, got {type(config).__name__}.")
 
         targets = self._find_targets(config)
+        saved_modules = self._find_modules_to_save(config.modules_to_save or [], exact=exact_module_names)
         # Validate every rank before the first (possibly slow) truncation, so bad input fails fast.
         for name, module in targets:
             layer = module if isinstance(module, KasaLayer) else KasaLayer(module)
             validate_rank(config.rank_for(name), tuple(layer.base_weight_matrix().shape), name=name)
 
         total_elements = sum(m.weight.numel() for _, m in targets)
-        added: list[KasaLayer] = []
+        # What to undo if anything fails: (layer or wrapper, module it replaced or None).
+        changed: list[tuple[nn.Module, str, nn.Module | None]] = []
         try:
             for name, module in _progress(targets, total_elements > _PROGRESS_MIN_ELEMENTS, "KaSA truncation"):
                 layer = module if isinstance(module, KasaLayer) else KasaLayer(module)
@@ -197,38 +209,51 @@ class KasaModel(nn.Module):
                     except ValueError as error:
                         raise ValueError(f"cannot truncate module {name!r}: {error}") from None
                 layer.add_adapter(adapter_name, truncation, config.scaling_for(name), config.dropout)
-                added.append(layer)
+                changed.append((layer, name, None if layer is module else module))
                 if layer is not module:
                     self._replace_module(name, layer)
                 logger.debug("added adapter %r to %s (r=%d)", adapter_name, name, r)
+            for name, module in saved_modules:
+                wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+                wrapper.add_adapter(adapter_name)
+                changed.append((wrapper, name, None if wrapper is module else module))
+                if wrapper is not module:
+                    self._replace_module(name, wrapper)
         except BaseException:
-            for layer in added:
-                if adapter_name in layer.kasa_adapters:
-                    del layer.kasa_adapters[adapter_name]
+            self._undo_add(adapter_name, changed)
             raise
 
-        for name in config.modules_to_save or []:
-            self._add_module_to_save(name, adapter_name)
         self.peft_config[adapter_name] = config
         self._set_trainable()
         logger.info("added KaSA adapter %r to %d layers", adapter_name, len(targets))
 
-    def _add_module_to_save(self, spec: str, adapter_name: str) -> None:
-        matched = False
-        for name, module in list(self.base_model.named_modules()):
-            if not name or not name_matches(name, [spec]):
-                continue
-            if ".copies." in name or name.endswith(".original_module") or isinstance(module, KasaLayer):
-                continue
-            if ".kasa_adapters." in f".{name}." or name.endswith(".base_layer"):
-                continue
-            wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
-            if wrapper is not module:
-                self._replace_module(name, wrapper)
-            wrapper.add_adapter(adapter_name)
-            matched = True
-        if not matched:
-            raise ValueError(f"modules_to_save entry {spec!r} matched no module; check the name (a suffix such as 'classifier').")
+    def _undo_add(self, adapter_name: str, changed: list[tuple[nn.Module, str, nn.Module | None]]) -> None:
+        for module, name, replaced in reversed(changed):
+            adapters = module.kasa_adapters if isinstance(module, KasaLayer) else module.copies
+            if adapter_name in adapters:
+                del adapters[adapter_name]
+            if replaced is not None:
+                self._replace_module(name, replaced)
+
+    def _find_modules_to_save(self, specs: list[str], exact: bool = False) -> list[tuple[str, nn.Module]]:
+        found: list[tuple[str, nn.Module]] = []
+        for spec in specs:
+            matches = [
+                (name, module)
+                for name, module in self.base_model.named_modules()
+                if name
+                and (name == spec if exact else name_matches(name, [spec]))
+                and not isinstance(module, KasaLayer)
+                and ".copies." not in name
+                and not name.endswith((".original_module", ".base_layer"))
+                and ".kasa_adapters." not in f".{name}."
+            ]
+            if not matches:
+                raise ValueError(
+                    f"modules_to_save entry {spec!r} matched no module; check the name (a suffix such as 'classifier')."
+                )
+            found.extend(matches)
+        return found
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the active adapter and the only trainable one."""
@@ -487,24 +512,27 @@ class KasaModel(nn.Module):
         # Target exactly the saved modules, whatever target_modules would match today.
         names = list(metadata["targets"])
         exact = KasaConfig.from_dict({**config.to_dict(), "target_modules": "|".join(re.escape(n) for n in names)})
-        exact.modules_to_save = None
+        exact.modules_to_save = list(metadata.get("modules_to_save", []))
         exact.exclude_modules = None
-        self.add_adapter(adapter_name, exact, truncations=truncations)
+        self.add_adapter(adapter_name, exact, truncations=truncations, exact_module_names=True)
         self.peft_config[adapter_name] = config
-        with torch.no_grad():
-            for name, layer in self.kasa_layers():
-                if name not in truncations:
-                    continue
-                adapter = layer.kasa_adapters[adapter_name]
-                for tensor_name in ("lora_A", "lora_B", "lora_diag"):
-                    target = getattr(adapter, tensor_name)
-                    target.copy_(tensors[f"{name}.{tensor_name}"].to(target.dtype))
-        for module_name in metadata.get("modules_to_save", []):
-            prefix = f"{_MODULES_TO_SAVE_PREFIX}{module_name}."
-            state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            self._add_module_to_save(module_name, adapter_name)
-            wrapper = self.base_model.get_submodule(module_name)
-            wrapper.copies[adapter_name].load_state_dict(state)
+        try:
+            with torch.no_grad():
+                for name, layer in self.kasa_layers():
+                    if name not in truncations:
+                        continue
+                    adapter = layer.kasa_adapters[adapter_name]
+                    for tensor_name in ("lora_A", "lora_B", "lora_diag"):
+                        target = getattr(adapter, tensor_name)
+                        target.copy_(tensors[f"{name}.{tensor_name}"].to(target.dtype))
+            for module_name in exact.modules_to_save:
+                prefix = f"{_MODULES_TO_SAVE_PREFIX}{module_name}."
+                state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+                wrapper = self.base_model.get_submodule(module_name)
+                wrapper.copies[adapter_name].load_state_dict(state)
+        except (RuntimeError, KeyError) as error:
+            self.delete_adapter(adapter_name)
+            raise AdapterFileError(f"adapter tensors do not fit the model: {error}. Save the adapter again.") from error
         self._set_trainable()
 
 
