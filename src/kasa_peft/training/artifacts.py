@@ -47,7 +47,7 @@ class RunInfoError(ValueError):
 
 @dataclass
 class RunInfo:
-    """What a saved model was trained for, stored as ``kasa_peft_task.json``.
+    """Description of the task a saved model was trained for, stored as ``kasa_peft_task.json``.
 
     Attributes:
         method: the fine-tuning method (``kasa``, ``lora``, ``pissa``, ``full``, ``peft-kasa``).
@@ -97,6 +97,39 @@ class RunInfo:
             return cls(**data)
         except TypeError as error:
             raise RunInfoError(f"{path} is incomplete: {error}") from None
+
+
+# Files a previous run may have left: the run's own files and what each method saves.
+_PREVIOUS_RUN_FILES = (
+    RUN_INFO_NAME,
+    LABEL_MAPPING_NAME,
+    METRICS_NAME,
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "config.json",
+    "model.safetensors",
+    "README.md",
+)
+
+
+def remove_previous_run(directory: str | os.PathLike) -> list[str]:
+    """Delete the model and result files of an earlier run in ``directory``; return their names.
+
+    Only a folder that contains ``kasa_peft_task.json`` counts as an earlier output
+    folder, so a folder without it is left untouched. This keeps a new run from mixing
+    its files with an older model, for example when the new run stops before its
+    first checkpoint.
+    """
+    directory = Path(directory)
+    if not (directory / RUN_INFO_NAME).is_file():
+        return []
+    removed = []
+    for name in _PREVIOUS_RUN_FILES:
+        path = directory / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -157,13 +190,25 @@ def environment_info(device: torch.device) -> dict[str, Any]:
     hardware: dict[str, Any] = {
         "device": str(device),
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": _processor_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
         hardware["gpu"] = torch.cuda.get_device_name(device)
     return {"versions": versions, "hardware": hardware}
+
+
+def _processor_name() -> str:
+    """Return the CPU model from ``/proc/cpuinfo`` on Linux, else what ``platform`` reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -54,9 +54,9 @@ class LoopSettings:
 
 @dataclass
 class TrainingState:
-    """The mutable state of one run: counters, optimiser, schedule, generators, history.
+    """Mutable state of one run: counters, optimizer, schedule, generators and history.
 
-    ``history`` holds one record per evaluation (see ``Trainer._evaluate``), and
+    ``history`` contains one record per evaluation (see ``Trainer._evaluate``), and
     ``initial_evaluation`` the record made before the first step, if any. ``epoch``
     counts completed epochs.
     """

@@ -115,3 +115,17 @@ def load_base_model(
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def check_max_length(model: nn.Module, max_length: int) -> None:
+    """Raise ``ValueError`` when ``max_length`` exceeds the model's position embeddings.
+
+    NOTE: models that offset positions (RoBERTa reserves the first two) accept slightly
+    fewer tokens than ``max_position_embeddings``; this check does not know the offset.
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ValueError(
+            f"max_length={max_length} exceeds the model's max_position_embeddings={limit}; "
+            f"pass --max-length {limit} or less."
+        )

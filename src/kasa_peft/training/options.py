@@ -1,6 +1,6 @@
 """Options of a training run, and merging them from a config file and the command line.
 
-``TrainOptions`` holds every setting of ``kasa-peft train``. Values come from three
+``TrainOptions`` contains every setting of ``kasa-peft train``. Values come from three
 layers, each overriding the one before: the field defaults, an optional YAML or JSON
 config file, and the options typed on the command line. ``merge_options`` builds the
 result, and ``TrainOptions.validate`` checks it.

@@ -21,13 +21,14 @@ from kasa_peft.training.artifacts import (
     TrainLog,
     environment_info,
     peak_memory,
+    remove_previous_run,
     reset_peak_memory,
     write_json,
 )
 from kasa_peft.training.evaluation import evaluate
 from kasa_peft.training.loop import LoopSettings, Trainer, TrainingState, set_seed
 from kasa_peft.training.methods import AdapterSettings, MethodModel, build_method_model
-from kasa_peft.training.models import load_base_model, load_tokenizer, resolve_device
+from kasa_peft.training.models import check_max_length, load_base_model, load_tokenizer, resolve_device
 from kasa_peft.training.options import TrainOptions
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def loop_settings(options: TrainOptions) -> LoopSettings:
 
 
 def train(options: TrainOptions, show_progress: bool | None = None) -> TrainingResult:
-    """Train as ``options`` say and fill the output folder (see ``kasa_peft.training.artifacts``).
+    """Train with ``options`` and fill the output folder (see ``kasa_peft.training.artifacts``).
 
     ``show_progress`` controls the tqdm bar on stderr (None: only on a terminal).
     Ctrl-C during the loop returns a result with ``interrupted`` set and the best
@@ -98,7 +99,10 @@ def train(options: TrainOptions, show_progress: bool | None = None) -> TrainingR
     options.validate()
     output_dir = Path(options.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_previous_run(output_dir)
     with TrainLog(output_dir):
+        if removed:
+            logger.info("Removed the files of an earlier run from %s: %s", output_dir, ", ".join(removed))
         return _train_logged(options, output_dir, show_progress)
 
 
@@ -125,12 +129,6 @@ def _train_logged(options: TrainOptions, output_dir: Path, show_progress: bool |
     )
 
     tokenizer = load_tokenizer(options.model)
-    train_set = encode_examples(train_examples, tokenizer, max_length=options.max_length, label_mapping=label_mapping)
-    validation_set = encode_examples(
-        validation_examples, tokenizer, max_length=options.max_length, label_mapping=label_mapping
-    )
-    collate = PaddingCollator.from_tokenizer(tokenizer)
-
     labels = label_mapping.labels if label_mapping is not None else None
     base = load_base_model(
         options.model,
@@ -139,6 +137,13 @@ def _train_logged(options: TrainOptions, output_dir: Path, show_progress: bool |
         labels=labels,
         pad_token_id=tokenizer.pad_token_id,
     )
+    check_max_length(base, options.max_length)
+    train_set = encode_examples(train_examples, tokenizer, max_length=options.max_length, label_mapping=label_mapping)
+    validation_set = encode_examples(
+        validation_examples, tokenizer, max_length=options.max_length, label_mapping=label_mapping
+    )
+    collate = PaddingCollator.from_tokenizer(tokenizer)
+
     settings = AdapterSettings(
         r=options.r,
         alpha=options.alpha,
