@@ -35,6 +35,8 @@ from torch import nn  # noqa: E402
 METHODS = ("kasa_peft", "peft_lora", "peft_kasa", "full")
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MINILM_TARGETS = ("query", "value")
+# Environment variables that change how torch's OpenMP and MKL threads behave.
+THREADING_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 # ----- environment -------------------------------------------------------------------------
@@ -66,6 +68,8 @@ def describe_environment(device: torch.device) -> str:
         f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"peft {peft.__version__}, kasa_peft {kasa_peft.__version__}",
     ]
+    threading_variables = [f"{name}={os.environ[name]}" for name in THREADING_VARIABLES if name in os.environ]
+    lines.append("threading environment: " + (", ".join(threading_variables) or "none set"))
     try:
         lines.append(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     except OSError:
@@ -311,7 +315,7 @@ def llama_spec(
     return ModelSpec(
         name="llama",
         description=(
-            f"LlamaForCausalLM, {layers} layers, hidden {hidden}, intermediate {intermediate}, {heads} heads, "
+            f"LlamaForCausalLM, {layers} decoder layer(s), hidden {hidden}, intermediate {intermediate}, {heads} heads, "
             f"vocab {vocab}, random weights, batch {batch_size} x {seq_len} tokens"
         ),
         build=build,

@@ -146,6 +146,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for model in arguments.models:
         if model not in common.FULL_SHAPES:
             parser.error(f"model {model!r} is unknown: choose from {', '.join(common.FULL_SHAPES)}")
+    if arguments.rounds is not None and arguments.rounds < 1:
+        parser.error(f"--rounds {arguments.rounds} is invalid: expected at least 1")
     return arguments
 
 

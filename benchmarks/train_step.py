@@ -70,7 +70,7 @@ def measure(method: str, model: str, shape: dict[str, Any], device: torch.device
         train_step(wrapped, batch, optimizer)
     times = []
     for _ in range(steps):
-        seconds, loss = common.time_call(lambda: train_step(wrapped, batch, optimizer), device)
+        seconds, _ = common.time_call(lambda: train_step(wrapped, batch, optimizer), device)
         times.append(seconds)
     peak = _memory_peak(device)
     return {
@@ -82,7 +82,6 @@ def measure(method: str, model: str, shape: dict[str, Any], device: torch.device
         "peak_reset": peak_reset,
         "setup_seconds": setup_seconds,
         "trainable": trainable,
-        "final_loss": loss,
     }
 
 
@@ -223,6 +222,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="METHOD", help="print a torch.profiler table for METHOD instead of benchmarking")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
+
     arguments.models = [m for m in arguments.models.split(",") if m]
     arguments.methods = [m for m in arguments.methods.split(",") if m]
     for method in arguments.methods + ([arguments.profile] if arguments.profile else []):
@@ -231,6 +231,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for model in arguments.models:
         if model not in common.FULL_SHAPES:
             parser.error(f"model {model!r} is unknown: choose from {', '.join(common.FULL_SHAPES)}")
+    for name in ("steps", "rounds"):
+        value = getattr(arguments, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} {value} is invalid: expected at least 1")
     return arguments
 
 
