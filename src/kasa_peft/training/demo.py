@@ -24,7 +24,7 @@ def demo_options(output_dir: str = DEFAULT_DEMO_OUTPUT_DIR, device: str = "auto"
         r=8,
         alpha=16.0,
         target_modules=["query", "value"],
-        epochs=4,
+        epochs=3,
         max_steps=max_steps,
         batch_size=16,
         learning_rate=1e-3,

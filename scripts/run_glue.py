@@ -1,0 +1,235 @@
+#!/usr/bin/env python3
+"""Fine-tune the default model on five GLUE tasks with KaSA, LoRA and full fine-tuning.
+
+Each (task, method) pair is one ``kasa-peft train`` subprocess with the same settings and
+seed, written to ``<output-root>/<task>-<method>/``. Afterwards a markdown table (task,
+metric, method, best validation score, trainable parameters, wall time) is printed and
+written to ``<output-root>/results.md``.
+
+Tasks: RTE, MRPC, CoLA and STS-B on their full training sets, SST-2 on a seeded random
+10,000 of its 67,349 training examples. Scores are on the GLUE validation sets, because
+the test labels are not public.
+
+Usage, from the repository root::
+
+    python scripts/run_glue.py                       # all runs, then the table
+    python scripts/run_glue.py --max-train-samples 64 --max-eval-samples 64 --epochs 1 \\
+        --output-root runs/glue-check                # a quick check that everything works
+    python scripts/run_glue.py --table-only          # rebuild the table from finished runs
+
+Runs whose folder already contains a finished ``metrics.json`` are skipped unless
+``--rerun`` is given, so an interrupted sweep continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
+DEFAULT_OUTPUT_ROOT = REPO_ROOT / "runs" / "glue"
+
+TASKS = ("rte", "mrpc", "cola", "stsb", "sst2")
+METHODS = ("kasa", "lora", "full")
+# SST-2 has 67k training examples; a 10k subset keeps the sweep within hours on a CPU.
+TASK_MAX_TRAIN_SAMPLES = {"sst2": 10_000}
+
+# Shared by every run. The learning rates are common choices for adapters and for full
+# fine-tuning of small BERT models, not tuned per task.
+COMMON_SETTINGS = {
+    "max-length": "128",
+    "batch-size": "32",
+    "epochs": "3",
+    "warmup-ratio": "0.06",
+    "weight-decay": "0.01",
+    "seed": "42",
+}
+# Rank 8 on the query and value projections (kasa-peft's default targets for BERT). beta and
+# gamma are PEFT 0.21's KasaConfig defaults, which its documentation gives as the reference
+# GLUE values.
+ADAPTER_SETTINGS = {"r": "8", "alpha": "16", "target-modules": "query,value"}
+METHOD_SETTINGS = {
+    "kasa": {**ADAPTER_SETTINGS, "learning-rate": "1e-3", "head-learning-rate": "1e-3", "beta": "1e-4", "gamma": "1e-3"},
+    "lora": {**ADAPTER_SETTINGS, "learning-rate": "1e-3", "head-learning-rate": "1e-3"},
+    "full": {"learning-rate": "5e-5", "head-learning-rate": "5e-5"},
+}
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help=f"GLUE folder (default: {DEFAULT_DATA_DIR})")
+    parser.add_argument("--output-root", type=Path, default=DEFAULT_OUTPUT_ROOT, help=f"run folders go here (default: {DEFAULT_OUTPUT_ROOT})")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="tasks to run (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all)")
+    parser.add_argument("--model", help="base model (default: kasa-peft's default, all-MiniLM-L6-v2)")
+    parser.add_argument("--max-train-samples", type=int, help="train every task on at most N examples (for a quick check)")
+    parser.add_argument("--max-eval-samples", type=int, help="evaluate every task on at most N examples (for a quick check)")
+    parser.add_argument("--epochs", type=int, help=f"override the epochs (default: {COMMON_SETTINGS['epochs']})")
+    parser.add_argument("--device", default="auto", help="device passed to kasa-peft train (default: auto)")
+    parser.add_argument("--rerun", action="store_true", help="run again even where a finished metrics.json exists")
+    parser.add_argument("--table-only", action="store_true", help="only build the table from existing runs")
+    parser.add_argument("--table-file", type=Path, help="markdown output (default: <output-root>/results.md)")
+    return parser.parse_args(argv)
+
+
+def run_settings(task: str, method: str, arguments: argparse.Namespace) -> dict[str, str]:
+    """Return the ``kasa-peft train`` options of one run, without the data and output paths."""
+    settings = dict(COMMON_SETTINGS)
+    settings.update(METHOD_SETTINGS[method])
+    if arguments.epochs is not None:
+        settings["epochs"] = str(arguments.epochs)
+    max_train_samples = arguments.max_train_samples or TASK_MAX_TRAIN_SAMPLES.get(task)
+    if max_train_samples is not None:
+        settings["max-train-samples"] = str(max_train_samples)
+    if arguments.max_eval_samples is not None:
+        settings["max-eval-samples"] = str(arguments.max_eval_samples)
+    if arguments.model is not None:
+        settings["model"] = arguments.model
+    return settings
+
+
+def train_command(task: str, method: str, arguments: argparse.Namespace) -> list[str]:
+    """Return the ``kasa-peft train`` command line of one run."""
+    command = [sys.executable, "-m", "kasa_peft.cli", "train", "--task", task, "--method", method]
+    command += ["--data-dir", str(arguments.data_dir / task), "--output-dir", str(run_folder(task, method, arguments))]
+    command += ["--device", arguments.device]
+    for name, value in run_settings(task, method, arguments).items():
+        command += [f"--{name}", value]
+    return command
+
+
+def run_folder(task: str, method: str, arguments: argparse.Namespace) -> Path:
+    return arguments.output_root / f"{task}-{method}"
+
+
+def finished_metrics(folder: Path) -> dict | None:
+    """Return the metrics of a run that finished without interruption, else None."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    if metrics.get("interrupted") or metrics.get("global_step") != metrics.get("total_steps"):
+        return None
+    return metrics
+
+
+def run_and_wait(command: list[str]) -> int:
+    """Run ``command`` and return its exit code, letting it finish cleanly on Ctrl-C.
+
+    Ctrl-C reaches the child too, which then saves its metrics and exits with 130.
+    ``subprocess.run`` would kill the child 0.25 s after the interrupt instead (CPython 3.11).
+    """
+    process = subprocess.Popen(command, cwd=REPO_ROOT)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.wait()
+        return 130
+
+
+def run_all(arguments: argparse.Namespace) -> list[str]:
+    """Run every missing (task, method) pair; return the names of failed runs.
+
+    Stops after a run that Ctrl-C interrupted (exit code 130).
+    """
+    failed = []
+    for task in arguments.tasks:
+        for method in arguments.methods:
+            name = f"{task}-{method}"
+            folder = run_folder(task, method, arguments)
+            if not arguments.rerun and finished_metrics(folder) is not None:
+                print(f"[skip] {name}: finished run in {folder}", file=sys.stderr)
+                continue
+            command = train_command(task, method, arguments)
+            print(f"[run] {name}: {' '.join(command)}", file=sys.stderr, flush=True)
+            started = time.perf_counter()
+            returncode = run_and_wait(command)
+            minutes = (time.perf_counter() - started) / 60
+            if returncode == 130:
+                print(f"[stop] {name} was interrupted after {minutes:.1f} min; stopping the sweep", file=sys.stderr)
+                failed.append(name)
+                return failed
+            if returncode != 0:
+                print(f"[fail] {name} exited with code {returncode} after {minutes:.1f} min", file=sys.stderr)
+                failed.append(name)
+            else:
+                print(f"[done] {name} in {minutes:.1f} min", file=sys.stderr, flush=True)
+    return failed
+
+
+def results_table(arguments: argparse.Namespace) -> str:
+    """Return the markdown table of every run folder that has a ``metrics.json``."""
+    lines = [
+        "| task | metric | method | best score | trainable params | wall time |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for task in arguments.tasks:
+        for method in arguments.methods:
+            path = run_folder(task, method, arguments) / "metrics.json"
+            if not path.is_file():
+                lines.append(f"| {task} | | {method} | not run | | |")
+                continue
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+            score = metrics.get("best_score")
+            score_text = f"{100 * score:.2f}" if score is not None else "none"
+            if metrics.get("interrupted"):
+                score_text += " (interrupted)"
+            trainable = metrics["parameters"]["trainable"]
+            wall_minutes = metrics["wall_time_seconds"] / 60
+            lines.append(
+                f"| {task} | {metrics['metric']} | {method} | {score_text} | {trainable:,} | {wall_minutes:.1f} min |"
+            )
+    hardware = _hardware_line(arguments)
+    notes = ["", "Scores are the best validation score over the per-epoch evaluations, times 100. Options per run:", ""]
+    for task in arguments.tasks:
+        for method in arguments.methods:
+            options = " ".join(f"--{k} {v}" for k, v in run_settings(task, method, arguments).items())
+            notes.append(f"- {task}-{method}: `{options}`")
+    if hardware:
+        notes += ["", f"Hardware: {hardware}."]
+    return "\n".join(lines + notes) + "\n"
+
+
+def _hardware_line(arguments: argparse.Namespace) -> str | None:
+    for task in arguments.tasks:
+        for method in arguments.methods:
+            path = run_folder(task, method, arguments) / "metrics.json"
+            if path.is_file():
+                metrics = json.loads(path.read_text(encoding="utf-8"))
+                hardware = metrics.get("hardware", {})
+                versions = metrics.get("versions", {})
+                return (
+                    f"{hardware.get('device')} ({hardware.get('processor')}, {hardware.get('cpu_count')} CPUs, "
+                    f"{hardware.get('torch_threads')} torch threads), torch {versions.get('torch')}, "
+                    f"transformers {versions.get('transformers')}"
+                )
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    failed: list[str] = []
+    if not arguments.table_only:
+        if not arguments.data_dir.is_dir():
+            print(f"error: GLUE folder {arguments.data_dir} not found; pass --data-dir", file=sys.stderr)
+            return 1
+        failed = run_all(arguments)
+    table = results_table(arguments)
+    table_file = arguments.table_file or arguments.output_root / "results.md"
+    table_file.parent.mkdir(parents=True, exist_ok=True)
+    table_file.write_text(table, encoding="utf-8")
+    print(table)
+    print(f"table written to {table_file}", file=sys.stderr)
+    if failed:
+        print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
