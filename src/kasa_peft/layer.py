@@ -58,12 +58,26 @@ class KasaAdapter(nn.Module):
         self.register_buffer("removed_Vh", truncation.Vh.to(dtype).contiguous())
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    def low_rank_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(h, up)`` with the adapter's output equal to ``h @ up.T``.
+
+        ``h`` (..., 2r) stacks ``scaling * d * (x A^T)`` and ``-S * (x Vh^T)``, and ``up``
+        (out, 2r) stacks ``B`` and ``U``, so the two rank-r branches cost one matrix
+        product each way instead of two. With dropout the update branch sees a dropped
+        input, so the down projections are computed separately.
+        """
+        x = x.to(self.lora_A.dtype)
+        coefficients = torch.cat([self.lora_diag * self.scaling, -self.removed_S])
+        if isinstance(self.dropout, nn.Identity):
+            h = F.linear(x, torch.cat([self.lora_A, self.removed_Vh])) * coefficients
+        else:
+            h = torch.cat([F.linear(self.dropout(x), self.lora_A), F.linear(x, self.removed_Vh)], dim=-1) * coefficients
+        return h, torch.cat([self.lora_B, self.removed_U], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the adapter's additive output for input ``x`` (..., in)."""
-        x = x.to(self.lora_A.dtype)
-        removed = F.linear(F.linear(x, self.removed_Vh) * self.removed_S, self.removed_U)
-        update = F.linear(F.linear(self.dropout(x), self.lora_A) * self.lora_diag, self.lora_B)
-        return update * self.scaling - removed
+        h, up = self.low_rank_parts(x)
+        return F.linear(h, up)
 
     def update_weight(self) -> torch.Tensor:
         """Return the learned update ``scaling * B diag(d) A`` as an (out, in) matrix."""
@@ -172,7 +186,12 @@ class KasaLayer(nn.Module):
         if self.disabled or self.active_adapter is None or self.merged_adapter is not None:
             return result
         adapter = self.kasa_adapters[self.active_adapter]
-        return result + adapter(x).to(result.dtype)
+        h, up = adapter.low_rank_parts(x)
+        if h.dtype != result.dtype:
+            return result + F.linear(h, up).to(result.dtype)
+        # One fused multiply-add over the output instead of a product and a separate sum.
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), up.T)
+        return flat.view(result.shape)
 
     def _delta_in_base_orientation(self, name: str) -> torch.Tensor:
         delta = self.kasa_adapters[name].delta_weight()
