@@ -330,7 +330,7 @@ def test_loop_same_seed_same_result():
 def test_loop_interrupt_keeps_best(monkeypatch):
     trainer = make_trainer("kasa", max_steps=8, eval_steps=2)
     saved_steps = []
-    trainer.on_evaluation = lambda state, record, improved: saved_steps.append(state.global_step) if improved else None
+    trainer.save_checkpoint = lambda state: saved_steps.append(state.global_step)
     original_step = Trainer._optimizer_step
 
     def step_then_interrupt(self):
@@ -345,6 +345,26 @@ def test_loop_interrupt_keeps_best(monkeypatch):
     assert [record["step"] for record in state.history] == [2, 4]
     assert state.best_step in (2, 4)
     assert saved_steps[-1] == state.best_step
+
+
+def test_loop_interrupted_save_keeps_previous_best():
+    trainer = make_trainer("kasa", max_steps=6, eval_steps=2)
+    saved_steps = []
+
+    def save_or_interrupt(state):
+        if saved_steps:
+            raise KeyboardInterrupt  # the second save is cut off
+        saved_steps.append(state.global_step)
+
+    trainer.save_checkpoint = save_or_interrupt
+    # Force every evaluation to improve, so that the second one tries to save.
+    scores = iter([0.1, 0.2, 0.3])
+    trainer.evaluate_fn = lambda: EvaluationResult(metrics={"accuracy": next(scores)}, loss=0.5, num_examples=4)
+    state = trainer.train()
+    assert state.interrupted
+    assert saved_steps == [2]
+    assert state.best_step == 2
+    assert state.best_score == 0.1
 
 
 def test_loop_state_dict_contents():

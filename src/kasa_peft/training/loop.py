@@ -156,8 +156,10 @@ class Trainer:
         main_metric: the metric that decides the best checkpoint (higher is better).
         settings: loop settings.
         device: where the model and batches live.
-        on_evaluation: called after each evaluation with the state, the new record and
-            whether it improved on the best score; the caller saves checkpoints there.
+        save_checkpoint: called with the state when an evaluation beats the best score,
+            before the state records the new best, so that an interrupted save leaves
+            the state describing the checkpoint that is still on disk.
+        on_evaluation: called with the state after each evaluation and checkpoint.
         show_progress: tqdm's ``disable`` inverted, None shows the bar only on a terminal.
     """
 
@@ -170,7 +172,8 @@ class Trainer:
         main_metric: str,
         settings: LoopSettings,
         device: torch.device,
-        on_evaluation: Callable[[TrainingState, dict[str, Any], bool], None] | None = None,
+        save_checkpoint: Callable[[TrainingState], None] | None = None,
+        on_evaluation: Callable[[TrainingState], None] | None = None,
         show_progress: bool | None = None,
     ) -> None:
         self.method_model = method_model
@@ -179,6 +182,7 @@ class Trainer:
         self.main_metric = main_metric
         self.settings = settings
         self.device = device
+        self.save_checkpoint = save_checkpoint
         self.on_evaluation = on_evaluation
         self.show_progress = show_progress
 
@@ -373,10 +377,6 @@ class Trainer:
         self._last_evaluated_step = state.global_step
         improved = state.best_score is None or score > state.best_score
         state.history.append(record)
-        if improved:
-            state.best_score = score
-            state.best_step = state.global_step
-            state.best_record = record
         logger.info(
             "Evaluation at step %d (epoch %.2f, %d examples): %s%s",
             state.global_step,
@@ -385,6 +385,12 @@ class Trainer:
             metrics_text,
             " (new best)" if improved else f" (best {self.main_metric} {state.best_score:.4f} at step {state.best_step})",
         )
+        if improved:
+            if self.save_checkpoint is not None:
+                self.save_checkpoint(state)
+            state.best_score = score
+            state.best_step = state.global_step
+            state.best_record = record
         if self.on_evaluation is not None:
-            self.on_evaluation(state, record, improved)
+            self.on_evaluation(state)
         return record

@@ -175,11 +175,12 @@ def _train_logged(options: TrainOptions, output_dir: Path, show_progress: bool |
 
     report = _MetricsReport(options, task, method_model, device, started, len(train_set), len(validation_set))
 
-    def on_evaluation(state: TrainingState, record: dict[str, Any], improved: bool) -> None:
-        if improved:
-            method_model.save(output_dir)
-            run_info.save(output_dir)
-            logger.info("Saved the best model (step %d) to %s", state.global_step, output_dir)
+    def save_checkpoint(state: TrainingState) -> None:
+        method_model.save(output_dir)
+        run_info.save(output_dir)
+        logger.info("Saved the best model (step %d) to %s", state.global_step, output_dir)
+
+    def on_evaluation(state: TrainingState) -> None:
         write_json(output_dir / METRICS_NAME, report.build(state))
 
     reset_peak_memory(device)
@@ -191,6 +192,7 @@ def _train_logged(options: TrainOptions, output_dir: Path, show_progress: bool |
         task.main_metric,
         loop_settings(options),
         device,
+        save_checkpoint=save_checkpoint,
         on_evaluation=on_evaluation,
         show_progress=show_progress,
     )
