@@ -20,9 +20,18 @@ import kasa_peft
 import kasa_peft.adapter_files
 from kasa_peft import KasaModel
 from kasa_peft.adapter_files import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError
-from kasa_peft.fingerprint import weight_fingerprint
+from kasa_peft.fingerprint import weight_checksum, weight_fingerprint
 
-ADAPTER_TENSORS = ("lora_A", "lora_B", "lora_diag", "removed_U", "removed_S", "removed_Vh", "base_fingerprint")
+ADAPTER_TENSORS = (
+    "lora_A",
+    "lora_B",
+    "lora_diag",
+    "removed_U",
+    "removed_S",
+    "removed_Vh",
+    "base_fingerprint",
+    "base_checksum",
+)
 
 
 def trained_model(case, seed: int = 1) -> KasaModel:
@@ -211,6 +220,9 @@ def test_weights_file_contents(model_case, tmp_path):
         assert fingerprint.dtype == torch.float64
         assert torch.equal(fingerprint, weight_fingerprint(matrix))
         assert fingerprint[0].item() == pytest.approx(torch.linalg.matrix_norm(matrix.double()).item(), rel=1e-12)
+        checksum = tensors[f"{name}.base_checksum"]
+        assert checksum.dtype == torch.int64
+        assert torch.equal(checksum, weight_checksum(model_case.pristine.get_submodule(name).weight))
     if model_case.modules_to_save:
         for module_name in model_case.modules_to_save:
             matching = [k for k in keys if k.startswith("modules_to_save.") and f".{module_name}." in f".{k}"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .adapter_files import AdapterFileError
-from .fingerprint import fingerprint_mismatch, fingerprint_tolerance, weight_fingerprint
+from .fingerprint import fingerprint_mismatch, fingerprint_tolerance, weight_checksum, weight_fingerprint
 from .layer import KasaLayer
 from .targeting import is_conv1d, is_supported_layer
 from .truncation import Truncation
@@ -49,8 +49,20 @@ def match_base_model(
         if missing:
             raise AdapterFileError(f"{adapter_path} lacks tensors {missing} for module {name!r}; save the adapter again.")
         saved_dtype = getattr(torch, info.get("base_dtype", "float32"), torch.float32)
-        tolerance = fingerprint_tolerance(saved_dtype, weight.dtype)
-        difference = fingerprint_mismatch(tensors[f"{name}.base_fingerprint"], weight_fingerprint(matrix.detach()), tolerance)
+        checksum = tensors.get(f"{name}.base_checksum")
+        if saved_dtype == weight.dtype and checksum is not None:
+            if not torch.equal(weight_checksum(weight), checksum):
+                raise AdapterFileError(
+                    f"base weight of module {name!r} differs from the one the adapter in {adapter_path} was trained "
+                    "on (its checksum differs, and both are stored as "
+                    f"{str(weight.dtype).removeprefix('torch.')}). Load the adapter onto the same base checkpoint "
+                    "it was saved with."
+                )
+            difference = None
+        else:
+            tolerance = fingerprint_tolerance(saved_dtype, weight.dtype)
+            current = weight_fingerprint(matrix.detach())
+            difference = fingerprint_mismatch(tensors[f"{name}.base_fingerprint"], current, tolerance)
         if difference is not None:
             raise AdapterFileError(
                 f"base weight of module {name!r} differs from the one the adapter in {adapter_path} was trained on "

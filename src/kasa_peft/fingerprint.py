@@ -1,10 +1,15 @@
 """Fingerprints that tell whether a base weight is the one an adapter was made for.
 
-A fingerprint is the weight's Frobenius norm and four random bilinear projections
-``l_i^T W r_i`` with fixed-seed Gaussian vectors, all in float64. Unlike a byte hash it
-survives a change of storage dtype (an adapter made on float32 weights loads onto the same
-model in bfloat16), while any change of the weight beyond rounding moves the projections by
-about its own Frobenius norm.
+Two kinds are stored per weight:
+
+- a checksum of the weight's bytes (integer sums, exact and independent of summation
+  order), compared when the model stores the weight in the dtype it was saved from. It
+  reads the weight once at memory speed, so reloading stays cheap on large models.
+- a fingerprint: the Frobenius norm and four random bilinear projections ``l_i^T W r_i``
+  with fixed-seed Gaussian vectors, in float64. Unlike the checksum it survives a change
+  of storage dtype (an adapter made on float32 weights loads onto the same model in
+  bfloat16), while any change beyond rounding moves the projections by about the change's
+  Frobenius norm.
 """
 
 from __future__ import annotations
@@ -47,6 +52,28 @@ def weight_fingerprint(matrix: torch.Tensor) -> torch.Tensor:
             projections += ((rows @ right) * left[start : start + _ROW_CHUNK]).sum(dim=0)
             squared_norm += (rows * rows).sum()
     return torch.cat([squared_norm.sqrt().reshape(1), projections]).cpu()
+
+
+_INTEGER_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def weight_checksum(weight: torch.Tensor) -> torch.Tensor:
+    """Return an exact int64 CPU checksum (2,) of a 2-D weight's bytes, in its stored layout.
+
+    The first entry sums the bytes read as 64-bit words (wrapping on overflow, so the
+    result does not depend on summation order); the second weights each row's sum by the
+    row's position, so it changes when rows move or the matrix is transposed.
+    """
+    weight = weight.detach().contiguous()
+    rows = weight.reshape(weight.shape[0], -1)
+    row_bytes = rows.shape[1] * rows.element_size()
+    if row_bytes % 8 == 0:
+        words = rows.view(torch.uint8).view(torch.int64)
+    else:
+        words = rows.view(_INTEGER_VIEW[rows.element_size()]).to(torch.int64)
+    row_sums = words.sum(dim=1)
+    positions = torch.arange(1, rows.shape[0] + 1, dtype=torch.int64, device=rows.device)
+    return torch.stack([row_sums.sum(), (row_sums * positions).sum()]).cpu()
 
 
 def fingerprint_tolerance(saved_dtype: torch.dtype, current_dtype: torch.dtype) -> float:

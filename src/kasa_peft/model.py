@@ -17,7 +17,7 @@ from ._version import __version__
 from .adapter_files import AdapterFileError, read_adapter_folder, write_adapter_folder
 from .base_match import ADAPTER_TENSORS, match_base_model
 from .config import KasaConfig
-from .fingerprint import weight_fingerprint
+from .fingerprint import weight_checksum, weight_fingerprint
 from .layer import KasaLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import default_target_modules, is_supported_layer, name_matches
@@ -195,7 +195,8 @@ class KasaModel(nn.Module):
         # What to undo if anything fails: (layer or wrapper, module it replaced or None).
         changed: list[tuple[nn.Module, str, nn.Module | None]] = []
         try:
-            for name, module in _progress(targets, total_elements > _PROGRESS_MIN_ELEMENTS, "KaSA truncation"):
+            show_progress = truncations is None and total_elements > _PROGRESS_MIN_ELEMENTS
+            for name, module in _progress(targets, show_progress, "KaSA truncation"):
                 layer = module if isinstance(module, KasaLayer) else KasaLayer(module)
                 r = config.rank_for(name)
                 truncation = (truncations or {}).get(name)
@@ -422,6 +423,7 @@ class KasaModel(nn.Module):
                 weight = layer._weight_before_merge if layer.merged_adapter else layer.base_layer.weight
                 matrix = weight.T if layer.fan_in_fan_out else weight
                 tensors[f"{name}.base_fingerprint"] = weight_fingerprint(matrix)
+                tensors[f"{name}.base_checksum"] = weight_checksum(weight)
         for name, wrapper in self._saved_module_wrappers():
             if adapter_name in wrapper.copies:
                 for key, value in wrapper.copies[adapter_name].state_dict().items():
