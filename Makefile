@@ -18,5 +18,9 @@ demo: setup
 test: setup
 	$(VENV)/bin/python -m pytest -q
 
+# Full benchmarks against PEFT; they take tens of minutes and never run in CI.
+bench: setup
+	for name in truncation reload train_step inference; do $(VENV)/bin/python benchmarks/$$name.py || exit 1; done
+
 clean:
 	rm -rf $(VENV) kasa-demo-output
