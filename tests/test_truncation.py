@@ -274,6 +274,33 @@ def test_flat_bottom_uses_shift(monkeypatch: pytest.MonkeyPatch, caplog: pytest.
     assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(8))
 
 
+def test_float32_start_then_float64(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Tall weights start the Krylov solver with a float32 Cholesky factor. The answer must
+    # still reach float64 accuracy: a shift or an unshifted float64 factor takes over.
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    caplog.set_level(logging.DEBUG, logger="kasa_peft.truncation")
+    cases = [("gaussian 1536x512", 8, "refactored with shift"), ("decay3 1536x512", 64, "leaving the float32 factor")]
+    for name, r, expected_message in cases:
+        caplog.clear()
+        ref = _cached_reference(name)
+        result = smallest_singular_triplets(MATRICES[name](), r)
+
+        messages = [record.getMessage() for record in caplog.records]
+        assert any(expected_message in message for message in messages), (name, messages)
+        assert not any(record.levelno >= logging.WARNING for record in caplog.records)
+        assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(r)), name
+
+
+def test_large_finite_values_are_accepted(no_fallback: None) -> None:
+    # Their float32 sum overflows to infinity, which must not be taken for a non-finite entry.
+    matrix = decaying(60, 40, 2, seed=12) * 3e38
+    assert not torch.isfinite(matrix.sum())
+    result = smallest_singular_triplets(matrix, 3)
+
+    ref = reference(matrix)
+    assert torch.allclose(result.S.double(), ref.s[-3:], rtol=1e-5, atol=0)
+
+
 # ----- non-unique truncations ------------------------------------------------------------
 
 
@@ -503,6 +530,35 @@ def test_gram_matches_dense_product(monkeypatch: pytest.MonkeyPatch, transposed:
     assert gram.dtype == torch.float64
     assert float((gram - expected).abs().max()) <= 1e-12 * float(expected.abs().max())
     assert torch.equal(gram, gram.mT)
+
+
+def test_products_match_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(truncation, "_PRODUCT_CHUNK_BYTES", 8 * 37 * 11)  # several ragged chunks
+    generator = torch.Generator().manual_seed(43)
+    a = torch.randn(100, 37, generator=generator).to(torch.bfloat16)
+    x = torch.randn(37, 5, generator=generator, dtype=torch.float64)
+
+    ax, at_ax = truncation._products(a, x)
+
+    dense = a.double()
+    assert torch.allclose(ax, dense @ x, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(at_ax, dense.mT @ (dense @ x), rtol=1e-12, atol=1e-12)
+
+
+def test_residual_bound_covers_true_residual() -> None:
+    generator = torch.Generator().manual_seed(44)
+    a = torch.randn(80, 30, generator=generator, dtype=torch.float64)
+    u_full, s_full, vh_full = torch.linalg.svd(a, full_matrices=False)
+    # Perturbed triplets, so that both residuals are clearly nonzero.
+    v = vh_full[-3:].mT + 1e-4 * torch.randn(30, 3, generator=generator, dtype=torch.float64)
+    u, s = u_full[:, -3:], s_full[-3:]
+
+    bound = truncation._max_relative_residual(a @ v, a.mT @ (a @ v), u, s, v, float(a.norm()))
+
+    true_left = (a @ v - u * s).norm(dim=0).max()
+    true_right = (a.mT @ u - v * s).norm(dim=0).max()
+    true = float(torch.maximum(true_left, true_right)) / float(a.norm())
+    assert true <= bound <= 100 * true
 
 
 def test_orthonormalize_drops_dependent_columns() -> None:

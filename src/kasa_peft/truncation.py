@@ -16,7 +16,8 @@ singular values, from the effective base weight. This module computes that compo
    ``(L L^T)^{-1}``, which turns the wanted eigenvalues into the largest ones. When the
    smallest eigenvalues are bunched far from zero (typical of tall weights), refactor once
    with ``mu`` just below them; Cholesky success proves ``mu`` is below the spectrum, so no
-   wanted eigenvalue can be skipped.
+   wanted eigenvalue can be skipped. Tall weights start with a float32 factor, which is
+   enough to locate that shift, and switch to float64 for the remaining digits.
 3. Rayleigh-Ritz on ``A``: the SVD of the thin product ``A V`` gives U, S and V.
 4. Check ``||A v - s u||`` and ``||A^T u - s v||`` of every triplet against
    ``tol * ||A||_F``. If the check fails, log a warning and use ``"exact"``.
@@ -52,16 +53,20 @@ DEFAULT_TOL = 1e-8
 """Largest accepted residual of a triplet, relative to ``||W||_F``, for ``"auto"``."""
 
 # Internal tuning. Tests monkeypatch these, for example to force the exact fallback.
-_CHUNK_BYTES = 64 * 2**20  # size of one float64 row chunk of the weight
-_GRAM_BLOCK = 512  # column block width of the triangular Gram product
+_CHUNK_BYTES = 64 * 2**20  # size of one float64 row chunk of the weight for the Gram product
+_PRODUCT_CHUNK_BYTES = 8 * 2**20  # the same for thin products, which are memory-bound
+_GRAM_BLOCK = 256  # column block width of the triangular Gram product
 _MAX_BLOCK_STEPS = 60  # Krylov block steps (each solves with `block` right-hand sides) before giving up
-_MAX_BASIS_BLOCKS = 6  # the Krylov basis holds at most this many blocks before a restart
+_MAX_BASIS_BLOCKS = 8  # the Krylov basis holds at most this many blocks before a restart
 _FIRST_CHECK = 2  # block steps before the first Rayleigh-Ritz convergence check
 _CHECK_EVERY = 2  # least block steps between checks
-_MAX_CHECK_INTERVAL = 6  # most block steps between checks, when the observed rate predicts many
-_MIN_BLOCK = 48  # triangular solves with fewer right-hand sides are memory-bound, so no cheaper
+_MAX_CHECK_INTERVAL = 4  # most block steps between checks, when the observed rate predicts many
+_MIN_BLOCK = 24  # smallest Krylov block; solves with fewer right-hand sides are memory-bound
 _DENSE_MAX_K = 2048  # up to this k, a full eigendecomposition of the k x k Gram matrix is faster
-_MIN_BASIS_COLUMNS = 384
+_MIN_BASIS_COLUMNS = 192
+_PROBED_PAIRS = 4  # Ritz pairs whose residual is measured at every check (see _rayleigh_ritz)
+_FLOAT32_START_ASPECT = 1.25  # M / k from which the Krylov solver starts with a float32 factor
+_FLOAT32_MAX_STEPS = 12  # block steps after which it switches to float64 without a shift
 _TARGET_FACTOR = 1e-2  # the iteration aims at this fraction of tol, then stops
 _SEED = 20240501  # start block seed, so results are reproducible
 _TINY = torch.finfo(torch.float64).tiny
@@ -134,7 +139,9 @@ def smallest_singular_triplets(
     validate_rank(r, (int(matrix.shape[0]), int(matrix.shape[1])))
     if not (isinstance(tol, float | int) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol={tol!r} is invalid: expected a positive finite float such as {DEFAULT_TOL}.")
-    if not bool(torch.isfinite(matrix).all()):
+    # A NaN or infinity makes the sum non-finite; only then is the slower exact test needed
+    # (a sum can also overflow). The exact test costs about 0.25 s for 11008 x 4096.
+    if not bool(torch.isfinite(matrix.sum())) and not bool(torch.isfinite(matrix).all()):
         raise ValueError(
             "the weight contains NaN or infinite values, so its singular values are undefined; "
             "check the checkpoint this model was loaded from."
@@ -207,21 +214,29 @@ def _krylov_triplets(matrix: torch.Tensor, r: int, tol: float) -> tuple[torch.Te
         return (v, s, u.mT) if transposed else (u, s, v.mT)
 
     if k <= _DENSE_MAX_K:
-        v = _lowest_eigenvectors_dense(gram, r)
+        basis = _lowest_eigenvectors_dense(gram, r)
     else:
-        # Extra columns beyond r speed up convergence, and up to about 48 they cost little
-        # because triangular solves with few right-hand sides are memory-bound.
-        block = min(k, max(r + max(8, r // 2), _MIN_BLOCK))
-        v = _lowest_eigenvectors(gram, r, block, fro_norm, tol)
+        # Columns beyond r speed up convergence; 8 extra, or 24 in all for a small r,
+        # measured fastest on 4096-wide Gaussian weights (2-core CPU, torch 2.13).
+        block = min(k, max(r + 8, _MIN_BLOCK))
+        # Tall weights usually have their smallest singular values bunched far from zero
+        # (the Marchenko-Pastur soft edge of random-like matrices). Locating them for the
+        # shift with a float32 factor saves one float64 Cholesky factorization.
+        float32_start = a.shape[0] >= _FLOAT32_START_ASPECT * k
+        # Only the first r Ritz vectors are converged to the target; the rest were helpers.
+        basis = _lowest_eigenvectors(gram, r, block, fro_norm, tol, float32_start)[:, :r]
     del gram
 
-    # Rayleigh-Ritz on A: the SVD of A V gives the best triplets within span(V).
-    ub, sb, vbh = torch.linalg.svd(_matmul_chunks(a, v), full_matrices=False)
+    # Rayleigh-Ritz on A: the SVD of A V gives the best triplets within span(V). The same
+    # pass over A forms A^T (A V), which the residual check needs.
+    av, at_av = _products(a, basis)
+    ub, sb, vbh = torch.linalg.svd(av, full_matrices=False)
+    coefficients = vbh[-r:, :].mT
     u = ub[:, -r:]
     s = sb[-r:]
-    v = v @ vbh[-r:, :].mT
+    v = basis @ coefficients
 
-    residual = _max_relative_residual(a, u, s, v, fro_norm)
+    residual = _max_relative_residual(av @ coefficients, at_av @ coefficients, u, s, v, fro_norm)
     if not residual <= tol:
         raise _NotConverged(f"max relative residual {residual:.2e} > tol {tol:.1e} after Rayleigh-Ritz")
     logger.debug("fast truncation of %s, r=%d: max relative residual %.2e", tuple(matrix.shape), r, residual)
@@ -238,9 +253,9 @@ def _unit_columns(rows: int, count: int, device: torch.device) -> torch.Tensor:
     return columns
 
 
-def _row_chunks(a: torch.Tensor):
-    """Yield ``(start, float64 copy of a[start:stop])`` over row chunks of about _CHUNK_BYTES."""
-    rows = max(1, _CHUNK_BYTES // (8 * a.shape[1]))
+def _row_chunks(a: torch.Tensor, chunk_bytes: int):
+    """Yield ``(start, float64 copy of a[start:stop])`` over row chunks of about ``chunk_bytes``."""
+    rows = max(1, chunk_bytes // (8 * a.shape[1]))
     for start in range(0, a.shape[0], rows):
         yield start, a[start : start + rows].to(torch.float64)
 
@@ -249,7 +264,7 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
     """Return ``a^T a`` in float64, computing only the upper block triangle."""
     k = a.shape[1]
     gram = torch.zeros(k, k, dtype=torch.float64, device=a.device)
-    for _, chunk in _row_chunks(a):
+    for _, chunk in _row_chunks(a, _CHUNK_BYTES):
         for j in range(0, k, _GRAM_BLOCK):
             gram[j : j + _GRAM_BLOCK, j:].addmm_(chunk[:, j : j + _GRAM_BLOCK].mT, chunk[:, j:])
     # Mirror the upper block triangle into the lower one, block by block to avoid a k x k temporary.
@@ -261,33 +276,36 @@ def _gram(a: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def _matmul_chunks(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Return ``a @ x`` in float64 without converting all of ``a`` at once."""
-    out = torch.empty(a.shape[0], x.shape[1], dtype=torch.float64, device=a.device)
-    for start, chunk in _row_chunks(a):
-        torch.matmul(chunk, x, out=out[start : start + chunk.shape[0]])
-    return out
+def _products(a: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``a @ x`` and ``a^T @ (a @ x)`` in float64, in one pass over row chunks of ``a``."""
+    ax = torch.empty(a.shape[0], x.shape[1], dtype=torch.float64, device=a.device)
+    at_ax = torch.zeros(a.shape[1], x.shape[1], dtype=torch.float64, device=a.device)
+    for start, chunk in _row_chunks(a, _PRODUCT_CHUNK_BYTES):
+        rows = ax[start : start + chunk.shape[0]]
+        torch.matmul(chunk, x, out=rows)
+        # (y^T A)^T is several times faster than A^T y for a narrow y in MKL (torch 2.13 CPU).
+        at_ax += (rows.mT @ chunk).mT
+    return ax, at_ax
 
 
 def _max_relative_residual(
-    a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, fro_norm: float
+    av: torch.Tensor, at_av: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, fro_norm: float
 ) -> float:
-    """Return ``max_i max(||A v_i - s_i u_i||, ||A^T u_i - s_i v_i||) / ||A||_F``."""
-    left_sq = torch.zeros(s.shape[0], dtype=torch.float64, device=a.device)
-    at_u = torch.zeros_like(v)
-    for start, chunk in _row_chunks(a):
-        u_chunk = u[start : start + chunk.shape[0]]
-        left_sq += (chunk @ v - u_chunk * s).square().sum(dim=0)
-        # (u^T A)^T is several times faster than A^T u for a narrow u in MKL (torch 2.13 CPU).
-        at_u += (u_chunk.mT @ chunk).mT
-    left = left_sq.sqrt()
-    right = (at_u - v * s).norm(dim=0)
+    """Return ``max_i max(||A v_i - s_i u_i||, ||A^T u_i - s_i v_i||) / ||A||_F``, or a bound on it.
+
+    ``av`` and ``at_av`` are ``A v`` and ``A^T A v``, computed from A itself. The SVD makes
+    ``u = A v / s`` only up to rounding, so ``A^T u`` is taken as ``A^T A v / s`` and the
+    difference is bounded by ``||A||_F * ||A v - s u|| / s``.
+    """
+    left = (av - u * s).norm(dim=0)
+    safe_s = s.clamp_min(_TINY)
+    right = (at_av / safe_s - v * s).norm(dim=0) + fro_norm * left / safe_s
     return float(torch.maximum(left, right).max()) / fro_norm
 
 
-def _cholesky_shifted(gram: torch.Tensor, shift: float) -> torch.Tensor | None:
-    """Return the lower Cholesky factor of ``gram - shift * I``, or None if it is not positive definite."""
-    shifted = gram.clone()
+def _cholesky_shifted(gram: torch.Tensor, shift: float, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+    """Return the lower Cholesky factor of ``gram - shift * I`` in ``dtype``, or None if it is not positive definite."""
+    shifted = gram.to(dtype, copy=True)
     shifted.diagonal().sub_(shift)
     # Factor in place, so the peak memory is two k x k matrices (gram and its shifted copy).
     info = torch.empty(0, dtype=torch.int32, device=gram.device)
@@ -314,9 +332,9 @@ def _initial_factor(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def _apply_inverse(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Return ``(L L^T)^{-1} x`` by two triangular solves."""
-    y = torch.linalg.solve_triangular(factor, x, upper=False)
-    return torch.linalg.solve_triangular(factor.mT, y, upper=True)
+    """Return ``(L L^T)^{-1} x`` by two triangular solves in the factor's precision."""
+    y = torch.linalg.solve_triangular(factor, x.to(factor.dtype), upper=False)
+    return torch.linalg.solve_triangular(factor.mT, y, upper=True).to(x.dtype)
 
 
 def _orthonormalize(z: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -359,7 +377,9 @@ def _lowest_eigenvectors_dense(gram: torch.Tensor, r: int) -> torch.Tensor:
     return vectors[:, :r]
 
 
-def _lowest_eigenvectors(gram: torch.Tensor, r: int, block: int, fro_norm: float, tol: float) -> torch.Tensor:
+def _lowest_eigenvectors(
+    gram: torch.Tensor, r: int, block: int, fro_norm: float, tol: float, float32_start: bool = False
+) -> torch.Tensor:
     """Return ``block`` orthonormal approximate eigenvectors for the smallest eigenvalues of ``gram``.
 
     The residual of a Ritz pair ``(theta, v)`` is ``||G v - theta v|| / sqrt(theta)``, which
@@ -369,7 +389,8 @@ def _lowest_eigenvectors(gram: torch.Tensor, r: int, block: int, fro_norm: float
     below ``tol``: rounding errors of the float64 Gram matrix set a floor of roughly
     1e-16 * cond(A). Raises _NotConverged after _MAX_BLOCK_STEPS block steps otherwise.
     """
-    return _ShiftInvertKrylov(gram, r, block).solve(tol * _TARGET_FACTOR * fro_norm, tol * fro_norm, fro_norm)
+    solver = _ShiftInvertKrylov(gram, r, block, float32_start)
+    return solver.solve(tol * _TARGET_FACTOR * fro_norm, tol * fro_norm, fro_norm)
 
 
 class _ShiftInvertKrylov:
@@ -384,12 +405,17 @@ class _ShiftInvertKrylov:
     thick-restart idea of Krylov-Schur).
     """
 
-    def __init__(self, gram: torch.Tensor, r: int, block: int) -> None:
+    def __init__(self, gram: torch.Tensor, r: int, block: int, float32_start: bool) -> None:
         self.gram = gram
         self.r = r
         self.block = block
-        self.factor, self.shift = _initial_factor(gram)
-        self.shift_tried = False
+        factor = _cholesky_shifted(gram, 0.0, torch.float32) if float32_start else None
+        self.low_precision = factor is not None
+        if factor is not None:
+            self.factor, self.shift = factor, 0.0
+        else:
+            self.factor, self.shift = _initial_factor(gram)
+        self.shift_attempts = 0
         self.previous_lowest = math.inf
         k = gram.shape[0]
         capacity = min(k, max(_MAX_BASIS_BLOCKS * block, _MIN_BASIS_COLUMNS))
@@ -417,9 +443,8 @@ class _ShiftInvertKrylov:
             if self.steps < next_check and added and not full:
                 continue
 
-            theta, coefficients, residuals = self._rayleigh_ritz()
+            theta, coefficients, ritz_vectors, residuals = self._rayleigh_ritz(target)
             residual = float(residuals.max())
-            ritz_vectors = self.basis[:, : self.filled] @ coefficients
             logger.debug(
                 "Krylov step %d: basis %d, shift %.3e, relative residual %.3e",
                 self.steps,
@@ -427,7 +452,9 @@ class _ShiftInvertKrylov:
                 self.shift,
                 residual / scale,
             )
-            if residual <= target or (residual <= acceptable and residual > 0.3 * previous):
+            stagnating = residual > 0.3 * previous
+            previous_residual = previous
+            if residual <= target or (residual <= acceptable and stagnating and not self.low_precision):
                 return ritz_vectors
             # Block steps still needed at the speed observed since the last check.
             remaining = math.inf
@@ -436,8 +463,11 @@ class _ShiftInvertKrylov:
                 remaining = math.log(residual / target) / per_step
             previous, last_check = residual, self.steps
             next_check = self.steps + max(_CHECK_EVERY, round(min(0.8 * remaining, _MAX_CHECK_INTERVAL)))
+            if self.shift_attempts < 2:
+                next_check = self.steps + _CHECK_EVERY  # the shift decision needs recent Ritz values
 
-            if self._shift_closer(theta, residuals, remaining):
+            stalled = residual > 0.9 * previous_residual
+            if self._shift_closer(theta, residuals, remaining) or self._leave_low_precision(stalled):
                 self._restart(ritz_vectors, None, None)
                 next_check = self.steps + _CHECK_EVERY
             elif full or not added:
@@ -474,9 +504,15 @@ class _ShiftInvertKrylov:
             self.projected[new, new] = (corner + corner.mT) / 2
         return width
 
-    def _rayleigh_ritz(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return all Ritz values of G (ascending), coefficients of the first ``block`` Ritz
-        vectors in the basis, and the residuals of the first r."""
+    def _rayleigh_ritz(self, target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return all Ritz values of G (ascending), basis coefficients of the first ``block``
+        Ritz vectors, those vectors, and residuals of the wanted pairs.
+
+        Multiplying by G costs about as much as a block step, so at first only the pairs
+        that converge slowest are measured: the last few of the first r, which are closest
+        to the unwanted part of the spectrum, and the first, which the shift needs. All r
+        are measured once those are below ``target``.
+        """
         tau, vectors = torch.linalg.eigh(self.projected[: self.filled, : self.filled])
         count = min(self.block, tau.shape[0])
         if count < self.r:
@@ -484,36 +520,62 @@ class _ShiftInvertKrylov:
         # eigh sorts tau ascending; the largest tau are the smallest eigenvalues of G.
         theta = self.shift + 1.0 / tau.flip(0).clamp_min(_TINY)
         coefficients = vectors.flip(1)[:, :count]
+        ritz_vectors = self.basis[:, : self.filled] @ coefficients
 
-        wanted = self.basis[:, : self.filled] @ coefficients[:, : self.r]
-        gram_residual = (self.gram @ wanted - wanted * theta[: self.r]).norm(dim=0)
-        residuals = gram_residual / theta[: self.r].clamp_min(_TINY).sqrt()
-        return theta, coefficients, residuals
+        probe = sorted({0, *range(max(0, self.r - _PROBED_PAIRS), self.r)})
+        residuals = self._residuals(ritz_vectors[:, probe], theta[probe])
+        if float(residuals.max()) <= target and len(probe) < self.r:
+            residuals = self._residuals(ritz_vectors[:, : self.r], theta[: self.r])
+        return theta, coefficients, ritz_vectors, residuals
+
+    def _residuals(self, vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Return ``||G v - theta v|| / sqrt(theta)`` for each column v of ``vectors``."""
+        # G is symmetric, and (X^T G)^T runs up to twice as fast as G X for narrow X in MKL.
+        gram_residual = ((vectors.mT @ self.gram).mT - vectors * values).norm(dim=0)
+        return gram_residual / values.clamp_min(_TINY).sqrt()
 
     def _shift_closer(self, theta: torch.Tensor, residuals: torch.Tensor, remaining_steps: float) -> bool:
         """Refactor once with a shift just below the smallest Ritz value, when that pays off.
 
         Returns True when the operator changed (the basis images are then stale).
         """
-        if self.shift_tried:
+        if self.shift_attempts >= 2:
             return False
         first_residual = float(residuals[0]) * math.sqrt(max(float(theta[0]), 0.0))
-        # Ritz values converge quadratically, so a settled one is usually closer than its residual.
         change = abs(float(theta[0]) - self.previous_lowest)
         self.previous_lowest = float(theta[0])
+        # Leaving float32 needs a float64 factorization anyway, so a shift then costs nothing
+        # extra; it only has to be worth leaving float32 for.
         refactor_steps = 1.0 + self.gram.shape[0] / (6.0 * self.block)
-        proposal = _proposed_shift(
-            theta, self.r, min(first_residual, 4.0 * change), self.shift, remaining_steps, refactor_steps
-        )
-        if proposal is None:
+        if self.low_precision:
+            refactor_steps = 0.5 * remaining_steps
+        proposals = _proposed_shifts(theta, self.r, first_residual, change, self.shift, remaining_steps, refactor_steps)
+        for proposal in proposals[: 2 - self.shift_attempts]:
+            self.shift_attempts += 1
+            factor = _cholesky_shifted(self.gram, proposal)
+            if factor is not None:
+                logger.debug("refactored with shift %.6e", proposal)
+                self.factor, self.shift = factor, proposal
+                self.shift_attempts = 2  # one successful shift is enough
+                self.low_precision = False
+                return True
+            logger.debug("shift %.6e is not below the spectrum", proposal)
+        return False
+
+    def _leave_low_precision(self, stalled: bool) -> bool:
+        """Switch from the float32 to an unshifted float64 factor once float32 stops paying.
+
+        That is when the residual stalls at the float32 floor, when no shift is coming
+        (both attempts are used up), or after _FLOAT32_MAX_STEPS block steps. Returns True
+        when the operator changed.
+        """
+        if not self.low_precision:
             return False
-        self.shift_tried = True
-        factor = _cholesky_shifted(self.gram, proposal)
-        if factor is None:
-            logger.debug("shift %.6e is not below the spectrum; keeping shift %.6e", proposal, self.shift)
+        if not (stalled or self.shift_attempts >= 2 or self.steps >= _FLOAT32_MAX_STEPS):
             return False
-        logger.debug("refactored with shift %.6e", proposal)
-        self.factor, self.shift = factor, proposal
+        logger.debug("leaving the float32 factor after %d block steps", self.steps)
+        self.factor, self.shift = _initial_factor(self.gram)
+        self.low_precision = False
         return True
 
     def _restart(self, ritz_vectors: torch.Tensor, ritz_image: torch.Tensor | None, tau: torch.Tensor | None) -> None:
@@ -535,29 +597,44 @@ class _ShiftInvertKrylov:
         self.filled = width
 
 
-def _proposed_shift(
-    theta: torch.Tensor, r: int, first_residual: float, shift: float, remaining_steps: float, refactor_steps: float
-) -> float | None:
-    """Return a shift just below the smallest eigenvalue of G when moving there pays off, else None.
+def _proposed_shifts(
+    theta: torch.Tensor,
+    r: int,
+    first_residual: float,
+    lowest_change: float,
+    shift: float,
+    remaining_steps: float,
+    refactor_steps: float,
+) -> list[float]:
+    """Return shifts just below the smallest eigenvalue of G that pay off, closest first.
 
     The block Krylov error for the r-th eigenvalue shrinks per block step by about
     ``exp(-2 sqrt(g))`` with ``g = (lambda_{block+1} - lambda_r) / (lambda_r - mu)``, so
-    moving the shift mu from ``shift`` to ``proposal`` multiplies the speed by
+    moving the shift mu from ``shift`` to a proposal multiplies the speed by
     ``sqrt((lambda_r - shift) / (lambda_r - proposal))``. Ritz values stand in for the
     eigenvalues, and ``remaining_steps`` is the estimate at the current speed. A shift is
     proposed when the steps it saves exceed ``refactor_steps``, the cost of one more
     Cholesky factorization in block steps.
+
+    The safe proposal stays ``2 * first_residual`` below the smallest Ritz value (a
+    distance that provably contains an eigenvalue) and at least a quarter of the wanted
+    Ritz values' spread below it, which keeps the wanted eigenvalues of T within a factor
+    of 5. When the smallest Ritz value moved less than that quarter since the last check
+    (``lowest_change``), a closer proposal without the residual margin comes first:
+    extreme Ritz values converge fast, so it usually lies below the spectrum already, and
+    the Cholesky factorization tells.
     """
     lowest = float(theta[0])
     spread = float(theta[max(r, 2) - 1]) - lowest
-    if first_residual > 0.25 * spread:
-        return None  # the smallest Ritz value is not reliable yet
-    # The smallest eigenvalue lies within first_residual of theta[0].
-    proposal = lowest - max(0.25 * spread, 2.0 * first_residual)
     wanted = float(theta[r - 1])
-    if not proposal > shift:
-        return None
-    speedup = math.sqrt((wanted - shift) / (wanted - proposal))
-    if remaining_steps * (1.0 - 1.0 / speedup) <= refactor_steps:
-        return None
-    return proposal
+    candidates = [lowest - max(0.25 * spread, 2.0 * first_residual)]
+    if lowest_change <= 0.25 * spread:
+        candidates.insert(0, lowest - 0.25 * spread)
+    proposals = []
+    for proposal in candidates:
+        if not proposal > shift or proposal in proposals:
+            continue
+        speedup = math.sqrt((wanted - shift) / (wanted - proposal))
+        if remaining_steps * (1.0 - 1.0 / speedup) > refactor_steps:
+            proposals.append(proposal)
+    return proposals
