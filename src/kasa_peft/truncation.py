@@ -307,12 +307,17 @@ def _cholesky_shifted(gram: torch.Tensor, shift: float, dtype: torch.dtype = tor
     """Return the lower Cholesky factor of ``gram - shift * I`` in ``dtype``, or None if it is not positive definite."""
     shifted = gram.to(dtype, copy=True)
     shifted.diagonal().sub_(shift)
-    # Factor in place, so the peak memory is two k x k matrices (gram and its shifted copy).
+    # LAPACK works on column-major storage, and the transposed view of the symmetric copy is
+    # column-major already, so the factorization runs in place (passing the row-major copy
+    # made torch 2.13 allocate a second k x k buffer). The upper factor of the transpose is
+    # the lower factor in row-major order. Its upper triangle keeps the input, which the
+    # triangular solves never read.
+    column_major = shifted.mT
     info = torch.empty(0, dtype=torch.int32, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(shifted, out=(shifted, info))
+    _, info = torch.linalg.cholesky_ex(column_major, upper=True, out=(column_major, info))
     if int(info) != 0:
         return None
-    return factor
+    return shifted
 
 
 def _initial_factor(gram: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -551,6 +556,11 @@ class _ShiftInvertKrylov:
         if self.low_precision:
             refactor_steps = 0.5 * remaining_steps
         proposals = _proposed_shifts(theta, self.r, first_residual, change, self.shift, remaining_steps, refactor_steps)
+        if not self.low_precision:
+            # Drop the float64 factor before making the next, so that at most two k x k
+            # float64 matrices (G and one factor) exist at once. It is rebuilt if no
+            # proposal works.
+            self.factor = None
         for proposal in proposals[: 2 - self.shift_attempts]:
             self.shift_attempts += 1
             factor = _cholesky_shifted(self.gram, proposal)
@@ -561,6 +571,10 @@ class _ShiftInvertKrylov:
                 self.low_precision = False
                 return True
             logger.debug("shift %.6e is not below the spectrum", proposal)
+        if self.factor is None:
+            self.factor = _cholesky_shifted(self.gram, self.shift)
+            if self.factor is None:
+                raise _NotConverged(f"the Cholesky factorization at shift {self.shift:.3e} failed on retry")
         return False
 
     def _leave_low_precision(self, stalled: bool) -> bool:
@@ -576,6 +590,7 @@ class _ShiftInvertKrylov:
         if not (stalled or self.shift_attempts >= 2 or self.steps >= _FLOAT32_MAX_STEPS):
             return False
         logger.debug("leaving the float32 factor after %d block steps", self.steps)
+        self.factor = None  # release it before the float64 factorization
         factor = _cholesky_shifted(self.gram, self.shift) if self.shift > 0 else None
         if factor is None:
             factor, self.shift = _initial_factor(self.gram)
