@@ -275,8 +275,8 @@ def test_flat_bottom_uses_shift(monkeypatch: pytest.MonkeyPatch, caplog: pytest.
 
 
 def test_float32_start_then_float64(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    # Tall weights start the Krylov solver with a float32 Cholesky factor. The answer must
-    # still reach float64 accuracy: a shift or an unshifted float64 factor takes over.
+    # Tall weights start the Krylov solver with a float32 Cholesky factor. The result must
+    # still reach float64 accuracy, so a float64 factor (shifted or not) takes over.
     monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
     caplog.set_level(logging.DEBUG, logger="kasa_peft.truncation")
     cases = [("gaussian 1536x512", 8, "refactored with shift"), ("decay3 1536x512", 64, "leaving the float32 factor")]
@@ -333,7 +333,7 @@ def test_nearly_equal_singular_values_at_rank(dtype: torch.dtype, no_fallback: N
 
 
 def test_flat_spectrum(no_fallback: None, engine: str) -> None:
-    # All singular values equal (a scaled orthogonal matrix): every subspace is a valid answer.
+    # All singular values are equal (a scaled orthogonal matrix), so every subspace is valid.
     generator = torch.Generator().manual_seed(22)
     matrix = 3.0 * _orthonormal(300, 300, generator).float()
     result = smallest_singular_triplets(matrix, 20)
@@ -422,15 +422,19 @@ def test_fallback_when_iteration_budget_is_zero(
     exact = smallest_singular_triplets(matrix, 8, method="exact")
 
     messages = _fallback_messages(caplog)
-    assert len(messages) == 1 and "512x256" in messages[0] and "exact SVD" in messages[0], messages
-    assert torch.equal(result.U, exact.U) and torch.equal(result.S, exact.S) and torch.equal(result.Vh, exact.Vh)
+    assert len(messages) == 1, messages
+    assert "512x256" in messages[0]
+    assert "exact SVD" in messages[0]
+    assert torch.equal(result.U, exact.U)
+    assert torch.equal(result.S, exact.S)
+    assert torch.equal(result.Vh, exact.Vh)
 
 
 def test_fallback_when_residual_check_fails(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Replace the eigensolver's answer by a random subspace: only the final residual check
-    # against W can catch that.
+    # Replace the eigensolver's result by a random subspace, which only the final residual
+    # check against W can catch.
     def random_subspace(gram: torch.Tensor, r: int, block: int, fro_norm: float, tol: float) -> torch.Tensor:
         generator = torch.Generator().manual_seed(32)
         q, _ = torch.linalg.qr(torch.randn(gram.shape[0], block, generator=generator, dtype=torch.float64))
@@ -445,8 +449,10 @@ def test_fallback_when_residual_check_fails(
 
     messages = _fallback_messages(caplog)
     assert len(messages) == 1, messages
-    assert "256x400" in messages[0] and "residual" in messages[0], messages
-    assert torch.equal(result.S, exact.S) and torch.equal(result.U, exact.U)
+    assert "256x400" in messages[0]
+    assert "residual" in messages[0]
+    assert torch.equal(result.S, exact.S)
+    assert torch.equal(result.U, exact.U)
 
 
 def test_fallback_when_tolerance_is_unreachable(caplog: pytest.LogCaptureFixture, engine: str) -> None:
@@ -456,7 +462,9 @@ def test_fallback_when_tolerance_is_unreachable(caplog: pytest.LogCaptureFixture
     result = smallest_singular_triplets(matrix, 4, tol=1e-30)
 
     messages = _fallback_messages(caplog)
-    assert len(messages) == 1 and "relative residual" in messages[0] and "300x200" in messages[0], messages
+    assert len(messages) == 1, messages
+    assert "relative residual" in messages[0]
+    assert "300x200" in messages[0]
     assert ref.error(result) <= 1e-7  # the exact SVD, up to float32 output rounding
 
 
@@ -466,7 +474,8 @@ def test_exact_method_matches_float64_reference() -> None:
     result = smallest_singular_triplets(matrix, 16, method="exact")
 
     assert ref.error(result) <= 1e-7  # float32 output rounding only
-    assert "exact" in TRUNCATION_METHODS and "auto" in TRUNCATION_METHODS
+    assert "exact" in TRUNCATION_METHODS
+    assert "auto" in TRUNCATION_METHODS
 
 
 # ----- invalid input -----------------------------------------------------------------------
