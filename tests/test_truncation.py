@@ -249,6 +249,22 @@ def test_wide_matches_transposed_tall(no_fallback: None, engine: str) -> None:
     assert torch.allclose(tall.S, wide.S, rtol=1e-6, atol=0)
 
 
+def test_non_contiguous_and_grad_inputs(no_fallback: None, engine: str) -> None:
+    # A transposed view, as for weights stored (in, out), and a parameter that requires grad.
+    stored = MATRICES["decay3 1536x512"]().mT.contiguous()
+    view = stored.mT
+    parameter = torch.nn.Parameter(view.contiguous())
+
+    from_view = smallest_singular_triplets(view, 16)
+    from_parameter = smallest_singular_triplets(parameter, 16)
+
+    ref = _cached_reference("decay3 1536x512")
+    assert not view.is_contiguous()
+    assert ref.error(from_view) <= ERROR_RATIO * ref.error(ref.float32_svd(16))
+    assert ref.error(from_parameter) <= ERROR_RATIO * ref.error(ref.float32_svd(16))
+    assert not from_parameter.U.requires_grad
+
+
 def test_auto_is_deterministic(no_fallback: None, engine: str) -> None:
     matrix = MATRICES["gaussian 384x384"]()
     first = smallest_singular_triplets(matrix, 8)
@@ -505,7 +521,7 @@ def test_invalid_input_raises(matrix: torch.Tensor, r: object, method: str, mess
     assert message in str(raised.value)
 
 
-@pytest.mark.parametrize("tol", [0.0, -1e-8, float("nan"), float("inf")])
+@pytest.mark.parametrize("tol", [0.0, -1e-8, float("nan"), float("inf"), True])
 def test_invalid_tolerance_raises(tol: float) -> None:
     with pytest.raises(ValueError, match="tol="):
         smallest_singular_triplets(torch.randn(8, 6), 2, tol=tol)

@@ -137,8 +137,9 @@ def smallest_singular_triplets(
     if method not in TRUNCATION_METHODS:
         raise ValueError(f"truncation method {method!r} is unknown; expected one of {TRUNCATION_METHODS}.")
     validate_rank(r, (int(matrix.shape[0]), int(matrix.shape[1])))
-    if not (isinstance(tol, float | int) and math.isfinite(tol) and tol > 0):
+    if isinstance(tol, bool) or not (isinstance(tol, float | int) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol={tol!r} is invalid: expected a positive finite float such as {DEFAULT_TOL}.")
+    matrix = matrix.detach()
     # A NaN or infinity makes the sum non-finite, so only then is the exact test needed (a
     # sum can also overflow). The exact test took 0.25 s for 11008 x 4096 on one CPU core.
     if not bool(torch.isfinite(matrix.sum())) and not bool(torch.isfinite(matrix).all()):
@@ -147,7 +148,6 @@ def smallest_singular_triplets(
             "check the checkpoint this model was loaded from."
         )
 
-    matrix = matrix.detach()
     out_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
     if method == "auto":
         try:
