@@ -10,6 +10,7 @@ from .config import KasaConfig
 from .layer import KasaAdapter, KasaLayer
 from .model import KasaModel, get_kasa_model
 from .truncation import Truncation, smallest_singular_triplets
+from .truncation_cache import TruncationCache
 
 __all__ = [
     "KasaAdapter",
@@ -17,6 +18,7 @@ __all__ = [
     "KasaLayer",
     "KasaModel",
     "Truncation",
+    "TruncationCache",
     "__version__",
     "get_kasa_model",
     "smallest_singular_triplets",
