@@ -506,3 +506,21 @@ def test_pickle_file_never_read(llama_case, tmp_path, forbid_pickle):
     (tmp_path / WEIGHTS_NAME).unlink()
     with pytest.raises(AdapterFileError, match=rf"{WEIGHTS_NAME} not found"):
         KasaModel.from_pretrained(llama_case.base(), tmp_path)
+
+
+def test_saved_files_follow_umask(tmp_path):
+    from torch import nn
+
+    from kasa_peft import KasaConfig, get_kasa_model
+
+    previous = os.umask(0o022)
+    try:
+        model = get_kasa_model(nn.Sequential(nn.Linear(8, 6)), KasaConfig(r=2, target_modules=["0"]))
+        model.save_pretrained(tmp_path)
+    finally:
+        os.umask(previous)
+
+    # tempfile.mkstemp creates files with mode 0600; the saved files must be readable like
+    # any file the user creates.
+    assert (tmp_path / "adapter_config.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -39,6 +39,13 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def apply_default_permissions(path: str | os.PathLike) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode a plain ``open`` would give it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
@@ -70,6 +77,8 @@ def write_adapter_folder(directory: str | os.PathLike, metadata: dict[str, Any],
             handle.flush()
             os.fsync(handle.fileno())
 
+        apply_default_permissions(weights_tmp)
+        apply_default_permissions(config_tmp)
         os.replace(weights_tmp, directory / WEIGHTS_NAME)
         os.replace(config_tmp, directory / CONFIG_NAME)
         temporary.clear()

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import truncation
+from .adapter_files import apply_default_permissions
 from .truncation import DEFAULT_TOL, TRUNCATION_METHODS, Truncation
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class TruncationCache:
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata=metadata)
+            apply_default_permissions(temporary)
             os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from kasa_peft._version import __version__
+from kasa_peft.adapter_files import apply_default_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, ensure_ascii=False)
             handle.write("\n")
+        apply_default_permissions(temporary)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

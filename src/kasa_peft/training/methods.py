@@ -67,7 +67,7 @@ def _import_peft():
     except ImportError:
         raise ModelLoadError(
             "the baseline methods lora, pissa and peft-kasa need the peft package; "
-            "install it with pip install 'kasa-peft[baselines]'."
+            "install it with pip install 'peft==0.21.*', or pip install -e '.[baselines]' in a clone of kasa-peft."
         ) from None
     return peft
 
