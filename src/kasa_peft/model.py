@@ -128,9 +128,7 @@ class KasaModel(nn.Module):
         spec = config.target_modules if config.target_modules is not None else default_target_modules(self.base_model)
         targets: list[tuple[str, nn.Module]] = []
         for name, module in self.base_model.named_modules():
-            if not name or ".kasa_adapters." in f".{name}." or name.endswith(".base_layer"):
-                continue
-            if isinstance(module, ModulesToSaveWrapper) or ".copies." in name or ".original_module" in name:
+            if not name or _is_wrapper_internal(name) or isinstance(module, ModulesToSaveWrapper):
                 continue
             if not name_matches(name, spec):
                 continue
@@ -245,9 +243,7 @@ class KasaModel(nn.Module):
                 if name
                 and (name == spec if exact else name_matches(name, [spec]))
                 and not isinstance(module, KasaLayer)
-                and ".copies." not in name
-                and not name.endswith((".original_module", ".base_layer"))
-                and ".kasa_adapters." not in f".{name}."
+                and not _is_wrapper_internal(name)
             ]
             if not matches:
                 raise ValueError(
@@ -433,7 +429,7 @@ class KasaModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
         """Write an adapter to ``save_directory`` (one folder per adapter), atomically.
 
-        The folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with
+        The folder contains ``adapter_config.json`` and ``adapter_model.safetensors`` with
         A, B, d, the removed triplets, saved modules and a fingerprint of each base weight.
         """
         self._check_usable()
@@ -536,6 +532,14 @@ class KasaModel(nn.Module):
             self.delete_adapter(adapter_name)
             raise AdapterFileError(f"adapter tensors do not fit the model: {error}. Save the adapter again.") from error
         self._set_trainable()
+
+
+_WRAPPER_PARTS = frozenset({"base_layer", "kasa_adapters", "copies", "original_module"})
+
+
+def _is_wrapper_internal(module_name: str) -> bool:
+    """Return whether a module lies inside a KasaLayer or ModulesToSaveWrapper, not in the user's model."""
+    return not _WRAPPER_PARTS.isdisjoint(module_name.split("."))
 
 
 def get_kasa_model(
