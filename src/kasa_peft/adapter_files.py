@@ -123,7 +123,7 @@ def read_adapter_folder(directory: str | os.PathLike) -> tuple[dict[str, Any], d
     expected_sha = metadata.get("weights_sha256")
     if expected_sha is not None and _sha256(weights_path) != expected_sha:
         raise AdapterFileError(
-            f"{weights_path} does not match {config_path} (SHA-256 differs); the folder holds files from two "
+            f"{weights_path} does not match {config_path} (SHA-256 differs); the folder contains files from two "
             "different saves, for example after an interrupted save. Save the adapter again."
         )
     return metadata, load_file(weights_path, device="cpu")

@@ -60,8 +60,8 @@ _INTEGER_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def weight_checksum(weight: torch.Tensor) -> torch.Tensor:
     """Return an exact int64 CPU checksum (2,) of a 2-D weight's bytes, in its stored layout.
 
-    The first entry sums the bytes read as 64-bit words (wrapping on overflow, so the
-    result does not depend on summation order); the second weights each row's sum by the
+    The first entry sums the bytes read as 64-bit words. The sum wraps on overflow, so it
+    does not depend on summation order. The second entry weights each row's sum by the
     row's position, so it changes when rows move or the matrix is transposed.
     """
     weight = weight.detach().contiguous()

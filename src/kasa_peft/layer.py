@@ -63,7 +63,7 @@ class KasaAdapter(nn.Module):
 
         ``h`` (..., 2r) stacks ``scaling * d * (x A^T)`` and ``-S * (x Vh^T)``, and ``up``
         (out, 2r) stacks ``B`` and ``U``, so the two rank-r branches cost one matrix
-        product each way instead of two. With dropout the update branch sees a dropped
+        product each way instead of two. With dropout the update branch takes a dropped
         input, so the down projections are computed separately.
         """
         x = x.to(self.lora_A.dtype)
