@@ -413,7 +413,23 @@ def test_error_unknown_label_in_evaluate_file(trained_kasa, tmp_path, capsys):
 
 def test_error_max_length_too_long(tiny_model, sentiment_files, tmp_path, capsys):
     message = run_error(train_argv(tiny_model, sentiment_files, tmp_path / "out", "--max-length", "512"), capsys)
-    assert "max_length=512 exceeds the model's max_position_embeddings=128" in message
+    assert "max_length=512 exceeds the 128 token positions the model can embed" in message
+
+
+def test_error_max_length_counts_reserved_positions(tmp_path):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from kasa_peft.training.models import check_max_length
+
+    # RoBERTa numbers positions from pad_token_id + 1 = 2, so 10 position rows hold 8 tokens.
+    config = RobertaConfig(
+        vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=10, pad_token_id=1,
+    )
+    model = RobertaForSequenceClassification(config)
+    check_max_length(model, 8)
+    with pytest.raises(ValueError, match="max_length=9 exceeds the 8 token positions"):
+        check_max_length(model, 9)
 
 
 def test_error_adapter_folder_missing(tmp_path, capsys):
@@ -462,6 +478,15 @@ def test_predict_input_file(trained_kasa, sentiment_files, tmp_path, suffix):
         separator = "\t" if suffix == ".tsv" else ","
         assert lines[0].split(separator) == ["text", "label", "score", "probability_neg", "probability_pos"]
         assert len(lines) == 17
+
+
+def test_predict_tsv_keeps_quotes_and_reads_back(trained_kasa, tmp_path):
+    output = tmp_path / "predictions.tsv"
+    texts = ['a "great" film', "it's 'fine'"]
+    argv = ["predict", "--adapter", str(trained_kasa), "--text", texts[0], "--text", texts[1], "--output", str(output)]
+    assert main(argv) == 0
+    rows = [line.split("\t") for line in output.read_text(encoding="utf-8").splitlines()]
+    assert [row[0] for row in rows[1:]] == texts
 
 
 def test_predict_matches_evaluate(trained_kasa, sentiment_files, tmp_path):

@@ -228,6 +228,15 @@ def test_glue_without_data_dir_asks_for_it():
     assert "--data-dir" in message
 
 
+def test_missing_user_file_names_its_option(tmp_path):
+    task = file_task(tmp_path / "absent.tsv", tmp_path / "absent.tsv")
+    with pytest.raises(DataFileNotFoundError) as error:
+        task.load_split("train")
+    message = str(error.value)
+    assert "absent.tsv' not found; check the path given as train_file (--train-file)" in message
+    assert "custom" not in message and "data_dir" not in message
+
+
 def test_glue_missing_data_dir_error(tmp_path):
     with pytest.raises(DataFileNotFoundError, match=r"data_dir '.*absent' for task 'rte' not found"):
         get_task("rte", data_dir=tmp_path / "absent")

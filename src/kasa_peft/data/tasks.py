@@ -146,8 +146,12 @@ class TaskSpec:
         """
         path = self.split_file(split)
         if not path.is_file():
+            if self.hub_dataset is None:  # files named by the user (--train-file, --validation-file)
+                where = f"check the path given as {split}_file (--{split}-file)"
+                raise DataFileNotFoundError(f"{split} file {str(path)!r} not found; {where}")
             raise DataFileNotFoundError(
-                f"{split} file {str(path)!r} of task {self.name!r} not found; check data_dir or the file path"
+                f"{split} file {str(path)!r} of task {self.name!r} not found; check data_dir (--data-dir): "
+                f"it should hold {split}.tsv or a {self.name}/ subfolder with it"
             )
         examples = read_examples(
             path,

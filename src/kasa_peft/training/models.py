@@ -118,14 +118,21 @@ def load_base_model(
 
 
 def check_max_length(model: nn.Module, max_length: int) -> None:
-    """Raise ``ValueError`` when ``max_length`` exceeds the model's position embeddings.
+    """Raise ``ValueError`` when ``max_length`` exceeds the positions the model can embed.
 
-    NOTE: models that offset positions (RoBERTa reserves the first two) accept slightly
-    fewer tokens than ``max_position_embeddings``; this check does not know the offset.
+    The limit is ``max_position_embeddings``, less the offset of models whose position
+    embedding reserves its first rows for padding: RoBERTa numbers positions from
+    ``pad_token_id + 1``, so its 514 positions hold 512 tokens.
     """
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and max_length > limit:
+    if not isinstance(limit, int):
+        return
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            limit = min(limit, module.num_embeddings - module.padding_idx - 1)
+            break
+    if max_length > limit:
         raise ValueError(
-            f"max_length={max_length} exceeds the model's max_position_embeddings={limit}; "
+            f"max_length={max_length} exceeds the {limit} token positions the model can embed; "
             f"pass --max-length {limit} or less."
         )

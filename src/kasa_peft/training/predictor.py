@@ -224,7 +224,9 @@ def write_predictions(records: Sequence[dict[str, Any]], handle: TextIO, file_fo
     fields = [key for key in records[0] if key != "probabilities"]
     labels = list(records[0].get("probabilities", {}))
     if file_format == "tsv":
-        writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
+        writer = csv.writer(
+            handle, delimiter="\t", quoting=csv.QUOTE_NONE, quotechar=None, escapechar="\\", lineterminator="\n"
+        )
     else:
         writer = csv.writer(handle, lineterminator="\n")
     writer.writerow(fields + [f"probability_{label}" for label in labels])
