@@ -307,6 +307,24 @@ def test_float32_start_then_float64(monkeypatch: pytest.MonkeyPatch, caplog: pyt
         assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(r)), name
 
 
+def test_no_refactorization_without_a_new_shift(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A square Gaussian matrix has singular values down to near zero, so no shift pays off
+    # and the solver should factor the Gram matrix once. Each extra float64 factorization
+    # of a 4096-wide Gram matrix costs about 0.3 s on a 2-core CPU.
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    shifts: list[float] = []
+    factor = truncation._cholesky_shifted
+
+    def counting_factor(gram: torch.Tensor, shift: float, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        shifts.append(shift)
+        return factor(gram, shift, dtype)
+
+    monkeypatch.setattr(truncation, "_cholesky_shifted", counting_factor)
+    matrix = torch.randn(1200, 1200, generator=torch.Generator().manual_seed(5))
+    smallest_singular_triplets(matrix, 8)
+    assert shifts == [0.0]
+
+
 def test_large_finite_values_are_accepted(no_fallback: None) -> None:
     # Their float32 sum overflows to infinity, which must not be taken for a non-finite entry.
     matrix = decaying(60, 40, 2, seed=12) * 3e38

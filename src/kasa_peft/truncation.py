@@ -557,6 +557,8 @@ class _ShiftInvertKrylov:
         if self.low_precision:
             refactor_steps = 0.5 * remaining_steps
         proposals = _proposed_shifts(theta, self.r, first_residual, change, self.shift, remaining_steps, refactor_steps)
+        if not proposals:
+            return False
         if not self.low_precision:
             # Drop the float64 factor before making the next, so that at most two k x k
             # float64 matrices (G and one factor) exist at once. It is rebuilt if no
