@@ -160,16 +160,20 @@ MATRICES = {
 }
 
 
-@pytest.fixture(params=["dense", "krylov"])
+@pytest.fixture(params=["dense", "krylov", "square-lu"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with each eigensolver of the "auto" engine.
 
     Weights with k = min(out, in) up to _DENSE_MAX_K use a full eigendecomposition of the
-    Gram matrix; larger ones use shift-and-invert block Krylov. The test matrices are
-    small, so the Krylov path is forced by lowering the threshold.
+    Gram matrix. Larger square ones use block Krylov through an LU factorization of the
+    weight ("square-lu"), and the others shift-and-invert block Krylov on the Gram matrix
+    ("krylov", which then also takes square weights). The test matrices are small, so the
+    Krylov paths are forced by lowering the threshold.
     """
-    if request.param == "krylov":
+    if request.param != "dense":
         monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    if request.param == "krylov":
+        monkeypatch.setattr(truncation, "_square_factor", lambda a: None)
     return request.param
 
 
@@ -312,6 +316,7 @@ def test_no_refactorization_without_a_new_shift(monkeypatch: pytest.MonkeyPatch)
     # and the solver should factor the Gram matrix once. Each extra float64 factorization
     # of a 4096-wide Gram matrix costs about 0.3 s on a 2-core CPU.
     monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    monkeypatch.setattr(truncation, "_square_factor", lambda a: None)
     shifts: list[float] = []
     factor = truncation._cholesky_shifted
 
@@ -323,6 +328,38 @@ def test_no_refactorization_without_a_new_shift(monkeypatch: pytest.MonkeyPatch)
     matrix = torch.randn(1200, 1200, generator=torch.Generator().manual_seed(5))
     smallest_singular_triplets(matrix, 8)
     assert shifts == [0.0]
+
+
+def test_square_weight_skips_gram_matrix(monkeypatch: pytest.MonkeyPatch, no_fallback: None) -> None:
+    # A square weight above the dense threshold is solved through an LU factorization of
+    # the weight itself, so the k x k Gram matrix is never formed.
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+
+    def no_gram(a: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the Gram matrix was formed")
+
+    monkeypatch.setattr(truncation, "_gram", no_gram)
+    for name in ("gaussian 384x384", "decay4 384x384"):
+        ref = _cached_reference(name)
+        result = smallest_singular_triplets(MATRICES[name](), 8)
+        assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(8)), name
+
+
+def test_singular_square_weight_uses_gram_solver(monkeypatch: pytest.MonkeyPatch, no_fallback: None) -> None:
+    # An exactly singular square weight has a zero LU pivot, so the Gram solver, which
+    # shifts a singular Gram matrix, takes over.
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    generator = torch.Generator().manual_seed(9)
+    matrix = torch.randn(200, 150, dtype=torch.float64, generator=generator)
+    matrix = matrix @ torch.randn(150, 200, dtype=torch.float64, generator=generator)
+    assert truncation._square_factor(matrix) is None
+    result = smallest_singular_triplets(matrix, 60)
+    u, s, vh = torch.linalg.svd(matrix)
+    # Rank 150: the 50 zero singular values come out at rounding level, about 1e-12 of ||W||.
+    assert float(result.S[-50:].abs().max()) <= 1e-10 * float(s[0])
+    removed = (result.U * result.S) @ result.Vh
+    expected = (u[:, -60:] * s[-60:]) @ vh[-60:]
+    assert float((removed - expected).norm()) <= 1e-9 * float(matrix.norm())
 
 
 def test_large_finite_values_are_accepted(no_fallback: None) -> None:
