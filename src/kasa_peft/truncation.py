@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 TRUNCATION_METHODS = ("auto", "exact")
 
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 """Version of the ``"auto"`` engine. Bump it when its results change, so caches built
 by an older engine are not served."""
 
