@@ -351,6 +351,16 @@ def test_train_replaces_previous_run(tiny_model, sentiment_files, tmp_path, caps
     assert "Removed the files of an earlier run" in (tmp_path / "train.log").read_text(encoding="utf-8")
 
 
+def test_failed_train_keeps_previous_run(tiny_model, sentiment_files, tmp_path, capsys):
+    assert main(train_argv(tiny_model, sentiment_files, tmp_path, "--max-steps", "1")) == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    bad_files = {**sentiment_files, "validation": write_tsv(tmp_path.parent / "bad.tsv", ["text", "label"], [("a", "pos")])}
+    message = run_error(train_argv(tiny_model, bad_files, tmp_path, "--max-steps", "1"), capsys)
+    assert "column 'sentence'" in message
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    assert after == before
+
+
 @pytest.mark.skipif(not (GLUE_DIR / "rte").is_dir(), reason=f"GLUE RTE files not found under {GLUE_DIR}")
 def test_train_real_glue_subset(tiny_model, tmp_path):
     argv = ["train", "--model", str(tiny_model), "--task", "rte", "--data-dir", str(GLUE_DIR)]
@@ -435,6 +445,19 @@ def test_error_max_length_counts_reserved_positions(tmp_path):
 def test_error_adapter_folder_missing(tmp_path, capsys):
     message = run_error(["evaluate", "--adapter", str(tmp_path / "nothing")], capsys)
     assert "not found" in message
+
+
+def test_error_adapter_is_a_file(trained_kasa, capsys):
+    message = run_error(["evaluate", "--adapter", str(trained_kasa / "adapter_config.json")], capsys)
+    assert "is a file, not a model folder" in message
+
+
+def test_error_evaluate_file_lacks_trained_column(trained_kasa, tmp_path, capsys):
+    test_file = write_tsv(tmp_path / "test.tsv", ["text", "label"], [("great film", "pos")])
+    message = run_error(["evaluate", "--adapter", str(trained_kasa), "--file", str(test_file)], capsys)
+    assert "column 'sentence' not found" in message
+    assert "the file has ['text', 'label']" in message
+    assert "Rename the file's columns" in message
 
 
 # ----- evaluate and predict ----------------------------------------------------------------

@@ -237,6 +237,12 @@ def test_missing_user_file_names_its_option(tmp_path):
     assert "custom" not in message and "data_dir" not in message
 
 
+def test_glue_folder_of_another_task_rejected(tmp_path):
+    (tmp_path / "mrpc").mkdir()
+    with pytest.raises(DataError, match=r"is the folder of task 'mrpc', not 'rte'"):
+        get_task("rte", data_dir=tmp_path / "mrpc")
+
+
 def test_glue_missing_data_dir_error(tmp_path):
     with pytest.raises(DataFileNotFoundError, match=r"data_dir '.*absent' for task 'rte' not found"):
         get_task("rte", data_dir=tmp_path / "absent")

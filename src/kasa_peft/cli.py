@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo_parser = commands.add_parser(
         "demo",
-        help="fine-tune the default model on the bundled support-ticket data (offline, a few minutes on a CPU)",
+        help="fine-tune the default model on the bundled support-ticket data (offline, one to two minutes on 2 CPU cores)",
         description="Fine-tune all-MiniLM-L6-v2 with KaSA on the bundled support-ticket data set and show "
         "the validation accuracy before and after.",
     )

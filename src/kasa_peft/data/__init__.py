@@ -32,7 +32,7 @@ It does not depend on the adapter modules.
 """
 
 from kasa_peft.data.encoding import EncodedDataset, PaddingCollator, encode_examples
-from kasa_peft.data.errors import DataError, DataFileNotFoundError, UnknownLabelError
+from kasa_peft.data.errors import DataError, DataFileNotFoundError, MissingColumnError, UnknownLabelError
 from kasa_peft.data.files import (
     FILE_FORMATS,
     FileFormat,
@@ -64,6 +64,7 @@ __all__ = [
     "TASK_NAMES",
     "DataError",
     "DataFileNotFoundError",
+    "MissingColumnError",
     "EncodedDataset",
     "FileFormat",
     "LabelMapping",

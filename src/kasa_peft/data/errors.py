@@ -18,3 +18,17 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 
 class UnknownLabelError(DataError):
     """A classification label that the label mapping does not contain."""
+
+
+class MissingColumnError(DataError):
+    """A column that an option names is not in the file.
+
+    ``option`` is the option (for example ``"text_column"``), ``column`` the missing
+    name and ``available`` the file's columns.
+    """
+
+    def __init__(self, message: str, *, option: str, column: str, available: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.option = option
+        self.column = column
+        self.available = available

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TextIO
 
-from kasa_peft.data.errors import DataError, DataFileNotFoundError
+from kasa_peft.data.errors import DataError, DataFileNotFoundError, MissingColumnError
 from kasa_peft.data.labels import LabelMapping, normalize_label, parse_regression_label
 from kasa_peft.data.sampling import sample_indices
 
@@ -210,6 +210,13 @@ def _read_json(path: Path, text: str) -> Table:
     return Table(path, tuple(columns), rows, line_numbers, unit)
 
 
+_COLUMN_FLAGS = {
+    "text_column": "--text-column",
+    "text_pair_column": "a second --text-column",
+    "label_column": "--label-column",
+}
+
+
 def check_columns(table: Table, required: dict[str, str]) -> None:
     """Raise ``DataError`` unless ``table`` has every required column.
 
@@ -218,9 +225,13 @@ def check_columns(table: Table, required: dict[str, str]) -> None:
     """
     for option, column in required.items():
         if column not in table.columns:
-            raise DataError(
+            raise MissingColumnError(
                 f"column {column!r} ({option}) not found in {table.path}; available columns: {list(table.columns)}. "
-                f"Set {option} to one of them."
+                f"Set {option} to one of them (on the command line: {_COLUMN_FLAGS.get(option, option)}), "
+                "or rename the column in the file.",
+                option=option,
+                column=column,
+                available=tuple(table.columns),
             )
 
 

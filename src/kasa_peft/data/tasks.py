@@ -249,7 +249,16 @@ def _resolve_glue_dir(name: str, data_dir: str | Path) -> Path:
             f"pass a folder with train.tsv and validation.tsv, or a folder with a {name}/ subfolder"
         )
     task_dir = data_dir / name
-    return task_dir if task_dir.is_dir() else data_dir
+    if task_dir.is_dir():
+        return task_dir
+    folder_name = data_dir.resolve().name.lower()
+    if folder_name in _GLUE_PRESETS and folder_name != name:
+        # Several GLUE tasks share their column names, so the files alone would not tell.
+        raise DataError(
+            f"data_dir {str(data_dir)!r} is the folder of task {folder_name!r}, not {name!r}; "
+            f"pass {str(data_dir.resolve().parent / name)!r} or the folder above it"
+        )
+    return data_dir
 
 
 def glue_task(name: str, data_dir: str | Path | None = None) -> TaskSpec:

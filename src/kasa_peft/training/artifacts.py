@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import platform
 import sys
@@ -74,6 +75,11 @@ class RunInfo:
     def load(cls, directory: str | os.PathLike) -> RunInfo:
         """Read ``kasa_peft_task.json`` from ``directory``; raise ``RunInfoError`` if it is missing or invalid."""
         path = Path(directory) / RUN_INFO_NAME
+        if Path(directory).is_file():
+            raise RunInfoError(
+                f"{str(directory)!r} is a file, not a model folder; pass the folder that holds it, the "
+                "--output-dir of a training run."
+            )
         if not Path(directory).is_dir():
             raise RunInfoError(f"model folder {str(directory)!r} not found; pass the --output-dir of a training run.")
         if not path.is_file():
@@ -152,20 +158,20 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 class TrainLog:
     """Context manager that copies the ``kasa_peft`` log records to ``train.log``.
 
-    The file handler is attached to the ``kasa_peft`` logger at INFO level and removed
-    on exit, so runs in one process do not write into each other's logs.
+    Records are held in memory until ``open_file`` is called, so a run that fails its
+    checks before that point leaves the output folder as it was. The handler is attached
+    to the ``kasa_peft`` logger at INFO level and removed on exit, so runs in one process
+    do not write into each other's logs.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.path = Path(directory) / LOG_NAME
-        self.handler: logging.FileHandler | None = None
+        self.handler = logging.handlers.MemoryHandler(capacity=2**31, flushLevel=logging.CRITICAL + 1)
+        self.handler.setLevel(logging.INFO)
+        self._file: logging.FileHandler | None = None
         self._previous_level: int | None = None
 
     def __enter__(self) -> TrainLog:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handler = logging.FileHandler(self.path, mode="w", encoding="utf-8")
-        self.handler.setLevel(logging.INFO)
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         package_logger = logging.getLogger("kasa_peft")
         self._previous_level = package_logger.level
         if package_logger.getEffectiveLevel() > logging.INFO:
@@ -173,11 +179,25 @@ class TrainLog:
         package_logger.addHandler(self.handler)
         return self
 
+    def open_file(self) -> None:
+        """Create ``train.log``, write the records held so far and every later one to it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = logging.FileHandler(self.path, mode="w", encoding="utf-8")
+        self._file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.handler.setTarget(self._file)
+        # A MemoryHandler passes records on only when its buffer is full, so a capacity of 1
+        # after this flush writes each record as it comes.
+        self.handler.flush()
+        self.handler.capacity = 1
+
     def __exit__(self, *exc_info: object) -> None:
         package_logger = logging.getLogger("kasa_peft")
-        if self.handler is not None:
-            package_logger.removeHandler(self.handler)
-            self.handler.close()
+        package_logger.removeHandler(self.handler)
+        if self._file is not None:
+            self.handler.flush()
+            self._file.close()
+        self.handler.setTarget(None)
+        self.handler.close()
         if self._previous_level is not None:
             package_logger.setLevel(self._previous_level)
 

@@ -22,6 +22,7 @@ from kasa_peft.data import (
     GLUE_TASK_NAMES,
     DataError,
     LabelMapping,
+    MissingColumnError,
     PaddingCollator,
     TaskSpec,
     TextExamples,
@@ -100,15 +101,26 @@ class Predictor:
         if file is not None:
             if data_dir is not None:
                 raise DataError("both an evaluation file and data_dir are given; pass only one of them.")
-            return read_examples(
-                file,
-                text_column=self.task.text_column,
-                text_pair_column=self.task.text_pair_column,
-                label_column=self.task.label_column,
-                problem_type=self.task.problem_type,
-                max_samples=max_samples,
-                seed=seed,
-            )
+            try:
+                return read_examples(
+                    file,
+                    text_column=self.task.text_column,
+                    text_pair_column=self.task.text_pair_column,
+                    label_column=self.task.label_column,
+                    problem_type=self.task.problem_type,
+                    max_samples=max_samples,
+                    seed=seed,
+                )
+            except MissingColumnError as error:
+                # The columns were fixed at training, so the advice to set them does not apply here.
+                raise MissingColumnError(
+                    f"column {error.column!r} not found in {file}; this model reads the columns it was trained "
+                    f"with ({self._trained_columns()}), and the file has {list(error.available)}. Rename the "
+                    "file's columns to match.",
+                    option=error.option,
+                    column=error.column,
+                    available=error.available,
+                ) from error
         task = self.task
         if data_dir is not None:
             if task.name not in GLUE_TASK_NAMES:
@@ -118,6 +130,10 @@ class Predictor:
                 )
             task = glue_task(task.name, Path(data_dir).resolve())
         return task.load_split("validation", max_samples=max_samples, seed=seed)
+
+    def _trained_columns(self) -> str:
+        names = [self.task.text_column, self.task.text_pair_column, self.task.label_column]
+        return ", ".join(repr(name) for name in names if name is not None)
 
     def prediction_examples(self, file: str | os.PathLike, text_columns: Sequence[str] | None = None) -> TextExamples:
         """Read unlabelled examples from ``file``; the columns default to the task's."""

@@ -98,18 +98,13 @@ def train(options: TrainOptions, show_progress: bool | None = None) -> TrainingR
     options = options.resolved()
     options.validate()
     output_dir = Path(options.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    removed = remove_previous_run(output_dir)
-    with TrainLog(output_dir):
-        if removed:
-            logger.info("Removed the files of an earlier run from %s: %s", output_dir, ", ".join(removed))
-        return _train_logged(options, output_dir, show_progress)
+    with TrainLog(output_dir) as log:
+        return _train_logged(options, output_dir, show_progress, log)
 
 
-def _train_logged(options: TrainOptions, output_dir: Path, show_progress: bool | None) -> TrainingResult:
+def _train_logged(options: TrainOptions, output_dir: Path, show_progress: bool | None, log: TrainLog) -> TrainingResult:
     started = time.perf_counter()
     logger.info("kasa-peft %s: method %s, model %s, output %s", __version__, options.method, options.model, output_dir)
-    write_json(output_dir / TRAIN_CONFIG_NAME, options.to_dict())
     device = resolve_device(options.device)
     set_seed(options.seed)
 
@@ -117,8 +112,6 @@ def _train_logged(options: TrainOptions, output_dir: Path, show_progress: bool |
     train_examples = task.load_split("train", max_samples=options.max_train_samples, seed=options.seed)
     validation_examples = task.load_split("validation", max_samples=options.max_eval_samples, seed=options.seed)
     label_mapping = task.build_label_mapping(train_examples)
-    if label_mapping is not None:
-        label_mapping.save(output_dir / LABEL_MAPPING_NAME)
     logger.info(
         "Task %s (%s): %d training and %d validation examples%s",
         task.name,
@@ -182,6 +175,17 @@ def _train_logged(options: TrainOptions, output_dir: Path, show_progress: bool |
 
     def on_evaluation(state: TrainingState) -> None:
         write_json(output_dir / METRICS_NAME, report.build(state))
+
+    # Data, model and options have passed their checks, so only now is an earlier run's
+    # model in the output folder replaced.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_previous_run(output_dir)
+    log.open_file()
+    if removed:
+        logger.info("Removed the files of an earlier run from %s: %s", output_dir, ", ".join(removed))
+    write_json(output_dir / TRAIN_CONFIG_NAME, options.to_dict())
+    if label_mapping is not None:
+        label_mapping.save(output_dir / LABEL_MAPPING_NAME)
 
     reset_peak_memory(device)
     trainer = Trainer(
