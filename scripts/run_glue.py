@@ -2,9 +2,10 @@
 """Fine-tune the default model on five GLUE tasks with KaSA, LoRA and full fine-tuning.
 
 Each (task, method) pair is one ``kasa-peft train`` subprocess with the same settings and
-seed, written to ``<output-root>/<task>-<method>/``. Afterwards a markdown table (task,
-metric, method, best validation score, trainable parameters, wall time) is printed and
-written to ``<output-root>/results.md``.
+seed, written to ``<output-root>/<task>-<method>/``. Afterwards the script prints
+markdown tables (every metric of each task by method, wall times, trainable parameters)
+and the options of each run, and writes them to ``<output-root>/results.md``. With
+``--copy-metrics DIR`` it also copies each run's ``metrics.json`` to DIR.
 
 Tasks: RTE, MRPC, CoLA and STS-B on their full training sets, SST-2 on a seeded random
 10,000 of its 67,349 training examples. Scores are on the GLUE validation sets, because
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -74,6 +76,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rerun", action="store_true", help="run again even where a finished metrics.json exists")
     parser.add_argument("--table-only", action="store_true", help="only build the table from existing runs")
     parser.add_argument("--table-file", type=Path, help="markdown output (default: <output-root>/results.md)")
+    parser.add_argument(
+        "--copy-metrics", type=Path, metavar="DIR", help="also copy each run's metrics.json to DIR/<task>-<method>.metrics.json"
+    )
     return parser.parse_args(argv)
 
 
@@ -162,37 +167,92 @@ def run_all(arguments: argparse.Namespace) -> list[str]:
     return failed
 
 
+TASK_LABELS = {"rte": "RTE", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "sst2": "SST-2 (10k)"}
+METRIC_LABELS = {
+    "accuracy": "accuracy",
+    "f1": "F1",
+    "matthews_correlation": "Matthews correlation",
+    "pearson": "Pearson",
+    "spearman": "Spearman",
+}
+METHOD_LABELS = {"kasa": "KaSA", "lora": "LoRA", "full": "full"}
+
+
+def _read_metrics(task: str, method: str, arguments: argparse.Namespace) -> dict | None:
+    path = run_folder(task, method, arguments) / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def results_table(arguments: argparse.Namespace) -> str:
-    """Return the markdown table of every run folder that has a ``metrics.json``."""
+    """Return the markdown tables of every run folder that has a ``metrics.json``.
+
+    The first table has one row per task and metric and one column per method. Every
+    metric is taken at the step with the best main metric. The second table has the wall
+    time of each run, the third the trainable parameters of each method.
+    """
+    runs = {(t, m): _read_metrics(t, m, arguments) for t in arguments.tasks for m in arguments.methods}
+    methods = [METHOD_LABELS.get(m, m) for m in arguments.methods]
     lines = [
-        "| task | metric | method | best score | trainable params | wall time |",
-        "|---|---|---|---:|---:|---:|",
+        "| task | metric | " + " | ".join(methods) + " |",
+        "|---|---|" + "---:|" * len(methods),
     ]
     for task in arguments.tasks:
+        names = next((r["metric_names"] for (t, _), r in runs.items() if t == task and r), None) or ["(none)"]
+        for name in names:
+            cells = []
+            for method in arguments.methods:
+                metrics = runs[(task, method)]
+                if metrics is None:
+                    cells.append("not run")
+                elif metrics.get("best_metrics") is None:
+                    cells.append("no evaluation")
+                else:
+                    cell = f"{100 * metrics['best_metrics'][name]:.2f}"
+                    cells.append(cell + " (interrupted)" if metrics.get("interrupted") else cell)
+            label = f"| {TASK_LABELS.get(task, task)} | {METRIC_LABELS.get(name, name)} | "
+            lines.append(label + " | ".join(cells) + " |")
+
+    lines += ["", "| task | " + " | ".join(f"{m} wall time" for m in methods) + " |", "|---|" + "---:|" * len(methods)]
+    for task in arguments.tasks:
+        cells = []
         for method in arguments.methods:
-            path = run_folder(task, method, arguments) / "metrics.json"
-            if not path.is_file():
-                lines.append(f"| {task} | | {method} | not run | | |")
-                continue
-            metrics = json.loads(path.read_text(encoding="utf-8"))
-            score = metrics.get("best_score")
-            score_text = f"{100 * score:.2f}" if score is not None else "none"
-            if metrics.get("interrupted"):
-                score_text += " (interrupted)"
-            trainable = metrics["parameters"]["trainable"]
-            wall_minutes = metrics["wall_time_seconds"] / 60
+            metrics = runs[(task, method)]
+            cells.append(f"{metrics['wall_time_seconds'] / 60:.1f} min" if metrics else "")
+        lines.append(f"| {TASK_LABELS.get(task, task)} | " + " | ".join(cells) + " |")
+
+    lines += ["", "| method | trainable parameters |", "|---|---:|"]
+    for method in arguments.methods:
+        found = next((r for (_, m), r in runs.items() if m == method and r), None)
+        if found:
+            parameters = found["parameters"]
             lines.append(
-                f"| {task} | {metrics['metric']} | {method} | {score_text} | {trainable:,} | {wall_minutes:.1f} min |"
+                f"| {METHOD_LABELS.get(method, method)} | {parameters['trainable']:,} "
+                f"({parameters['trainable_percent']:.2f}%) |"
             )
-    hardware = _hardware_line(arguments)
-    notes = ["", "Scores are the best validation score over the per-epoch evaluations, times 100. Options per run:", ""]
+
+    notes = ["", "Options of each run, besides `--task`, `--method`, `--data-dir` and `--output-dir`:", ""]
     for task in arguments.tasks:
         for method in arguments.methods:
             options = " ".join(f"--{k} {v}" for k, v in run_settings(task, method, arguments).items())
             notes.append(f"- {task}-{method}: `{options}`")
+    hardware = _hardware_line(arguments)
     if hardware:
         notes += ["", f"Hardware: {hardware}."]
     return "\n".join(lines + notes) + "\n"
+
+
+def copy_metrics(arguments: argparse.Namespace, destination: Path) -> list[Path]:
+    """Copy each run's ``metrics.json`` to ``destination/<task>-<method>.metrics.json``."""
+    destination.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for task in arguments.tasks:
+        for method in arguments.methods:
+            source = run_folder(task, method, arguments) / "metrics.json"
+            if source.is_file():
+                target = destination / f"{task}-{method}.metrics.json"
+                shutil.copyfile(source, target)
+                copied.append(target)
+    return copied
 
 
 def _hardware_line(arguments: argparse.Namespace) -> str | None:
@@ -205,7 +265,7 @@ def _hardware_line(arguments: argparse.Namespace) -> str | None:
                 versions = metrics.get("versions", {})
                 return (
                     f"{hardware.get('device')} ({hardware.get('processor')}, {hardware.get('cpu_count')} CPUs, "
-                    f"{hardware.get('torch_threads')} torch threads), torch {versions.get('torch')}, "
+                    f"torch threads per run: {hardware.get('torch_threads')}), torch {versions.get('torch')}, "
                     f"transformers {versions.get('transformers')}"
                 )
     return None
@@ -225,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     table_file.write_text(table, encoding="utf-8")
     print(table)
     print(f"table written to {table_file}", file=sys.stderr)
+    if arguments.copy_metrics is not None:
+        copied = copy_metrics(arguments, arguments.copy_metrics)
+        print(f"copied {len(copied)} metrics files to {arguments.copy_metrics}", file=sys.stderr)
     if failed:
         print(f"failed runs: {', '.join(failed)}", file=sys.stderr)
         return 1
