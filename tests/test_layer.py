@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from kasa_peft.layer import KasaAdapter, KasaLayer
+from kasa_peft.layer import KasaAdapter, KasaLayer, total_regularization
 from kasa_peft.truncation import smallest_singular_triplets
 
 SHAPES = [(24, 24), (40, 16), (16, 40)]  # square, tall (out > in), wide (out < in)
@@ -190,6 +190,31 @@ def adapter_with(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> KasaAdapt
     return adapter
 
 
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_layer_gradients_match_dense_float64(conv1d, dropout):
+    # float64 end to end, so the fused backward (no dropout) and plain autograd (dropout,
+    # in eval mode so that both paths compute the same function) are held to 1e-10.
+    layer, adapter = make_layer((7, 5), 2, conv1d=conv1d, dtype=torch.float64, scaling=1.5)
+    if dropout:
+        adapter.dropout = nn.Dropout(dropout)
+        layer.eval()
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 4, 7, dtype=torch.float64)
+    (layer(x) * grad_out).sum().backward()
+
+    w = weight_out_in(layer)
+    u, s, vh = (t.detach().clone() for t in (adapter.removed_U, adapter.removed_S, adapter.removed_Vh))
+    a, b, d = (t.detach().clone().requires_grad_(True) for t in (adapter.lora_A, adapter.lora_B, adapter.lora_diag))
+    x_ref = x.detach().clone().requires_grad_(True)
+    effective = w - (u * s) @ vh + 1.5 * (b * d) @ a
+    expected = x_ref @ effective.T + layer.base_layer.bias.detach()
+    (expected * grad_out).sum().backward()
+
+    for ours, reference in ((x.grad, x_ref.grad), (adapter.lora_A.grad, a.grad), (adapter.lora_B.grad, b.grad), (adapter.lora_diag.grad, d.grad)):
+        assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-10)
+
+
 def test_regularizer_zero_for_orthonormal_factors():
     generator = torch.Generator().manual_seed(0)
     r = 4
@@ -249,6 +274,36 @@ def test_reference_code_convention_matches_dense_outer_gram():
     penalty = adapter.regularization(beta=0.5, gamma=2.0, gram_convention="reference-code")
 
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("convention", ["paper", "reference-code"])
+def test_total_regularization_matches_dense_sum(convention):
+    # Three shapes, two adapters of the first, so the batched groups have one or two members.
+    generator = torch.Generator().manual_seed(5)
+    shapes = [(4, 9, 11), (4, 9, 11), (3, 9, 11), (4, 11, 9)]
+    factors = [
+        (torch.randn(r, n, generator=generator, dtype=torch.float64),
+         torch.randn(m, r, generator=generator, dtype=torch.float64),
+         torch.randn(r, generator=generator, dtype=torch.float64))
+        for r, n, m in shapes
+    ]
+    adapters = [adapter_with(a, b, d) for a, b, d in factors]
+    expected = 0.0
+    for a, b, d in factors:
+        if convention == "paper":
+            gram_b, gram_a = b.T @ b, a @ a.T
+        else:
+            gram_b, gram_a = b @ b.T, a.T @ a
+        eye_b, eye_a = (torch.eye(g.shape[0], dtype=torch.float64) for g in (gram_b, gram_a))
+        orthogonality = torch.linalg.matrix_norm(gram_b - eye_b) + torch.linalg.matrix_norm(gram_a - eye_a)
+        expected += float(0.3 * (d**2).sum() + 0.7 * orthogonality)
+
+    total = total_regularization(adapters, beta=0.3, gamma=0.7, gram_convention=convention)
+
+    # float32 arithmetic on values of order 10: a few float32 roundoffs relative.
+    assert total.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="no adapters"):
+        total_regularization([], beta=0.3, gamma=0.7)
 
 
 def test_regularizer_gradients_match_float64_autograd():

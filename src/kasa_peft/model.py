@@ -18,7 +18,7 @@ from .adapter_files import AdapterFileError, read_adapter_folder, write_adapter_
 from .base_match import ADAPTER_TENSORS, match_base_model
 from .config import KasaConfig
 from .fingerprint import weight_checksum, weight_fingerprint
-from .layer import KasaLayer
+from .layer import KasaLayer, total_regularization
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import default_target_modules, is_supported_layer, name_matches
 from .truncation import Truncation, smallest_singular_triplets, validate_rank
@@ -326,12 +326,10 @@ class KasaModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; available adapters: {list(self.peft_config)}.")
         config = self.peft_config[adapter_name]
-        terms = [
-            layer.kasa_adapters[adapter_name].regularization(config.beta, config.gamma, config.gram_convention)
-            for _, layer in self.kasa_layers()
-            if adapter_name in layer.kasa_adapters
+        adapters = [
+            layer.kasa_adapters[adapter_name] for _, layer in self.kasa_layers() if adapter_name in layer.kasa_adapters
         ]
-        return torch.stack(terms).sum() / len(terms)
+        return total_regularization(adapters, config.beta, config.gamma, config.gram_convention) / len(adapters)
 
     # ----- merging and unloading --------------------------------------------------------
 
