@@ -345,6 +345,15 @@ def test_square_weight_skips_gram_matrix(monkeypatch: pytest.MonkeyPatch, no_fal
         assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(8)), name
 
 
+def test_square_solver_leaves_float64_input_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The LU factorization runs in place on a float64 copy, never on the caller's tensor.
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    matrix = torch.randn(300, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    before = matrix.clone()
+    smallest_singular_triplets(matrix, 8)
+    assert torch.equal(matrix, before)
+
+
 def test_singular_square_weight_uses_gram_solver(monkeypatch: pytest.MonkeyPatch, no_fallback: None) -> None:
     # An exactly singular square weight has a zero LU pivot, so the Gram solver, which
     # shifts a singular Gram matrix, takes over.

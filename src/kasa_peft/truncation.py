@@ -712,8 +712,9 @@ class _SquareKrylov(_ShiftInvertKrylov):
         self.steps = 0
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.linalg.lu_solve(self.lu, self.pivots, x, adjoint=True)
-        return torch.linalg.lu_solve(self.lu, self.pivots, y)
+        # self.lu factors A^T, so the plain solve applies A^{-T} and the adjoint one A^{-1}.
+        y = torch.linalg.lu_solve(self.lu, self.pivots, x)
+        return torch.linalg.lu_solve(self.lu, self.pivots, y, adjoint=True)
 
     def _residuals(self, vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         gram_times = _products(self.a, vectors)[1]
@@ -721,8 +722,16 @@ class _SquareKrylov(_ShiftInvertKrylov):
 
 
 def _square_factor(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Return the float64 LU factorization of the square ``a``, or None if it is singular."""
-    lu, pivots, info = torch.linalg.lu_factor_ex(a.to(torch.float64))
+    """Return the float64 LU factorization of the transpose of the square ``a``, or None if singular.
+
+    The row-major float64 copy of A is A^T in column-major order, which LAPACK factors in
+    place, so the factor needs no second k x k buffer. Solves with A and A^T then swap:
+    ``A^{-1} x`` is the adjoint solve with this factor (see _SquareKrylov._apply).
+    """
+    copy = a.to(torch.float64, copy=True)
+    pivots = torch.empty(0, dtype=torch.int32, device=a.device)
+    info = torch.empty(0, dtype=torch.int32, device=a.device)
+    lu, pivots, info = torch.linalg.lu_factor_ex(copy.mT, out=(copy.mT, pivots, info))
     if int(info) != 0:
         return None
     diagonal = lu.diagonal().abs()
