@@ -209,10 +209,12 @@ def _fast_triplets(matrix: torch.Tensor, r: int, tol: float) -> tuple[torch.Tens
     k = a.shape[1]
 
     square = a.shape[0] == k and k > _DENSE_MAX_K
+    # The norm goes first: it may make a float64 copy of A, which should not coexist with
+    # the float64 factor.
+    fro_norm = float(torch.linalg.vector_norm(a, dtype=torch.float64)) if square else 0.0
     factorization = _square_factor(a) if square else None
     if factorization is not None:
         gram = None
-        fro_norm = float(torch.linalg.vector_norm(a, dtype=torch.float64))
     else:
         gram = _gram(a)
         fro_norm = float(gram.diagonal().sum().sqrt())
