@@ -439,12 +439,15 @@ class _ShiftInvertKrylov:
         else:
             self.factor, self.shift = _initial_factor(gram)
         self.shift_attempts = 0
+        self._allocate_basis(gram.shape[0], gram.device)
+
+    def _allocate_basis(self, k: int, device: torch.device) -> None:
+        """Create the empty Krylov basis, its image under T and the projected matrix."""
         self.previous_lowest = math.inf
-        k = gram.shape[0]
-        capacity = min(k, max(_MAX_BASIS_BLOCKS * block, _MIN_BASIS_COLUMNS))
-        self.basis = torch.empty(k, capacity, dtype=torch.float64, device=gram.device)
+        capacity = min(k, max(_MAX_BASIS_BLOCKS * self.block, _MIN_BASIS_COLUMNS))
+        self.basis = torch.empty(k, capacity, dtype=torch.float64, device=device)
         self.image = torch.empty_like(self.basis)
-        self.projected = torch.empty(capacity, capacity, dtype=torch.float64, device=gram.device)
+        self.projected = torch.empty(capacity, capacity, dtype=torch.float64, device=device)
         self.filled = 0
         self.steps = 0
 
@@ -687,8 +690,8 @@ def _proposed_shifts(
 class _SquareKrylov(_ShiftInvertKrylov):
     """The block Krylov solver for a square weight A, without the Gram matrix.
 
-    ``(A^T A)^{-1} x`` is ``A^{-1} (A^{-T} x)``, so a float64 LU factorization of A
-    replaces forming G (k^3 flops) and factoring it (k^3 / 3 flops) with k^3 * 2/3 flops,
+    ``(A^T A)^{-1} x`` is ``A^{-1} (A^{-T} x)``, so a float64 LU factorization (of A^T,
+    which serves solves with A and A^T alike; see _square_factor) replaces forming G (k^3 flops) and factoring it (k^3 / 3 flops) with k^3 * 2/3 flops,
     and products with G become two thin products with A. There is no shift: square
     weights have their smallest singular values spread down towards zero, where a shift
     gains little, and an LU factor of A cannot be shifted in G's terms.
@@ -704,14 +707,7 @@ class _SquareKrylov(_ShiftInvertKrylov):
         self.shift = 0.0
         self.low_precision = False
         self.shift_attempts = 2  # no shifts: _shift_closer returns at once
-        self.previous_lowest = math.inf
-        k = a.shape[1]
-        capacity = min(k, max(_MAX_BASIS_BLOCKS * block, _MIN_BASIS_COLUMNS))
-        self.basis = torch.empty(k, capacity, dtype=torch.float64, device=a.device)
-        self.image = torch.empty_like(self.basis)
-        self.projected = torch.empty(capacity, capacity, dtype=torch.float64, device=a.device)
-        self.filled = 0
-        self.steps = 0
+        self._allocate_basis(a.shape[1], a.device)
 
     def _apply(self, x: torch.Tensor) -> torch.Tensor:
         # self.lu factors A^T, so the plain solve applies A^{-T} and the adjoint one A^{-1}.
