@@ -197,7 +197,8 @@ def results_table(arguments: argparse.Namespace) -> str:
         "|---|---|" + "---:|" * len(methods),
     ]
     for task in arguments.tasks:
-        names = next((r["metric_names"] for (t, _), r in runs.items() if t == task and r), None) or ["(none)"]
+        finished = [runs[(task, method)] for method in arguments.methods if runs[(task, method)]]
+        names = finished[0]["metric_names"] if finished else ["(none)"]
         for name in names:
             cells = []
             for method in arguments.methods:
@@ -222,9 +223,9 @@ def results_table(arguments: argparse.Namespace) -> str:
 
     lines += ["", "| method | trainable parameters |", "|---|---:|"]
     for method in arguments.methods:
-        found = next((r for (_, m), r in runs.items() if m == method and r), None)
-        if found:
-            parameters = found["parameters"]
+        finished = [runs[(task, method)] for task in arguments.tasks if runs[(task, method)]]
+        if finished:
+            parameters = finished[0]["parameters"]
             lines.append(
                 f"| {METHOD_LABELS.get(method, method)} | {parameters['trainable']:,} "
                 f"({parameters['trainable_percent']:.2f}%) |"

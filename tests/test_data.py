@@ -234,7 +234,8 @@ def test_missing_user_file_names_its_option(tmp_path):
         task.load_split("train")
     message = str(error.value)
     assert "absent.tsv' not found; check the path given as train_file (--train-file)" in message
-    assert "custom" not in message and "data_dir" not in message
+    assert "custom" not in message
+    assert "data_dir" not in message
 
 
 def test_glue_folder_of_another_task_rejected(tmp_path):

@@ -77,7 +77,7 @@ class RunInfo:
         path = Path(directory) / RUN_INFO_NAME
         if Path(directory).is_file():
             raise RunInfoError(
-                f"{str(directory)!r} is a file, not a model folder; pass the folder that holds it, the "
+                f"{str(directory)!r} is a file, not a model folder; pass the folder that contains it, the "
                 "--output-dir of a training run."
             )
         if not Path(directory).is_dir():
