@@ -601,6 +601,53 @@ def test_validate_rank_message_names_the_fix() -> None:
         validate_rank(384, (384, 1536), name="encoder.layer.0.attention.self.query")
 
 
+def test_direct_call_rank_message_omits_rank_pattern() -> None:
+    with pytest.raises(ValueError, match="Choose r <= 5") as caught:
+        smallest_singular_triplets(torch.randn(8, 6), 6)
+
+    assert "rank_pattern" not in str(caught.value)
+
+
+# ----- triplet_errors against a dense float64 computation ---------------------------------
+
+
+def _dense_triplet_errors(matrix: torch.Tensor, result: Truncation) -> tuple[float, float]:
+    w = matrix.double()
+    u, s, v = result.U.double(), result.S.double(), result.Vh.double().mT
+    residual = torch.maximum((w @ v - u * s).norm(dim=0), (w.mT @ u - v * s).norm(dim=0)).max()
+    eye = torch.eye(result.rank, dtype=torch.float64)
+    orthogonality = max(float((u.mT @ u - eye).abs().max()), float((v.mT @ v - eye).abs().max()))
+    return float(residual / w.norm()), orthogonality
+
+
+@pytest.mark.parametrize("shape", [(70, 30), (30, 70)])
+def test_triplet_errors_match_dense(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]) -> None:
+    # Chunks of 3 rows exercise the row-chunked pass.
+    monkeypatch.setattr(truncation, "_PRODUCT_CHUNK_BYTES", 8 * 3 * shape[1])
+    generator = torch.Generator().manual_seed(3)
+    matrix = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    exact = smallest_singular_triplets(matrix, 5, "exact")
+    damaged = Truncation(U=exact.U * 1.01, S=exact.S * 2.0, Vh=exact.Vh)
+
+    for result in (exact, damaged):
+        residual, orthogonality = truncation.triplet_errors(matrix, result)
+        dense_residual, dense_orthogonality = _dense_triplet_errors(matrix, result)
+        # Both are float64 computations of the same quantities; they differ by rounding.
+        assert residual == pytest.approx(dense_residual, rel=1e-9, abs=1e-15)
+        assert orthogonality == pytest.approx(dense_orthogonality, rel=1e-9, abs=1e-15)
+    assert truncation.triplet_errors(matrix, exact)[0] < 1e-14
+    assert truncation.triplet_errors(matrix, damaged)[0] > 1e-3
+
+
+def test_triplet_errors_of_zero_matrix() -> None:
+    exact = smallest_singular_triplets(torch.zeros(6, 4), 2, "exact")
+
+    residual, orthogonality = truncation.triplet_errors(torch.zeros(6, 4), exact)
+
+    assert residual == 0.0
+    assert orthogonality < 1e-6
+
+
 # ----- internal numeric helpers against dense references ---------------------------------
 
 

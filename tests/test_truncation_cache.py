@@ -280,3 +280,73 @@ def test_user_directory_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     cache = TruncationCache("~/truncations")
 
     assert cache.directory == tmp_path / "truncations"
+
+
+def test_damaged_triplets_are_recomputed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = TruncationCache(tmp_path)
+    weight = make_weight()
+    stored = cache.get_or_compute(weight, 6)
+    # A well-formed entry whose singular values are wrong, e.g. edited by hand.
+    save_file({"U": stored.U, "S": stored.S * 2.0, "Vh": stored.Vh}, cache.entry_path(weight))
+
+    caplog.set_level(logging.WARNING, logger="kasa_peft.truncation_cache")
+    result = cache.get_or_compute(weight, 6)
+
+    assert (cache.misses, cache.hits) == (2, 0)
+    assert_same(result, smallest_singular_triplets(weight, 6))
+    assert any("does not hold singular triplets" in record.getMessage() for record in caplog.records)
+    assert_same(cache.get_or_compute(weight, 6), result)  # the rewritten entry is served
+    assert cache.hits == 1
+
+
+def test_loose_tol_entry_is_served(tmp_path: Path) -> None:
+    cache = TruncationCache(tmp_path)
+    weight = make_weight()
+
+    cache.get_or_compute(weight, 6, tol=1e-4)
+    cache.get_or_compute(weight, 6, tol=1e-4)
+
+    assert cache.hits == 1
+
+
+def test_folder_that_is_a_file_raises(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+
+    with pytest.raises(ValueError, match="afile is a file"):
+        TruncationCache(afile)
+    with pytest.raises(ValueError, match="afile is a file"):
+        TruncationCache(afile / "sub")
+
+
+def test_folder_creation_failure_names_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    cache = TruncationCache(tmp_path / "new")
+    monkeypatch.setattr(Path, "mkdir", failing_mkdir)
+
+    with pytest.raises(OSError, match="cannot create the truncation cache folder .*new.*Permission denied"):
+        cache.get_or_compute(make_weight(), 4)
+
+
+def test_get_kasa_model_accepts_a_folder_path(tmp_path: Path) -> None:
+    from kasa_peft import KasaConfig, get_kasa_model
+
+    torch.manual_seed(0)
+    config = KasaConfig(r=2, target_modules=["0"], truncation_method="exact")
+    model = get_kasa_model(torch.nn.Sequential(torch.nn.Linear(8, 6)), config, truncation_cache=str(tmp_path / "c"))
+
+    assert isinstance(model.truncation_cache, TruncationCache)
+    assert len(list((tmp_path / "c").glob("*.safetensors"))) == 1
+
+
+def test_get_kasa_model_rejects_other_cache_types() -> None:
+    from kasa_peft import KasaConfig, get_kasa_model
+
+    config = KasaConfig(r=2, target_modules=["0"])
+    base = torch.nn.Sequential(torch.nn.Linear(8, 6))
+
+    with pytest.raises(TypeError, match="truncation_cache=5 is invalid: expected a folder path"):
+        get_kasa_model(base, config, truncation_cache=5)
+    assert isinstance(base[0], torch.nn.Linear)

@@ -22,6 +22,7 @@ from .layer import KasaLayer, total_regularization
 from .modules_to_save import ModulesToSaveWrapper
 from .targeting import default_target_modules, is_supported_layer, name_matches
 from .truncation import Truncation, smallest_singular_triplets, validate_rank
+from .truncation_cache import TruncationCache
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class KasaModel(nn.Module):
     ) -> None:
         if isinstance(model, KasaModel):
             raise TypeError("model is already a KasaModel; call add_adapter on it instead of wrapping it again.")
+        truncation_cache = _as_truncation_cache(truncation_cache)
         requires_grad = [parameter.requires_grad for parameter in model.parameters()]
         self._init_empty(model, truncation_cache)
         try:
@@ -540,6 +542,18 @@ def _is_wrapper_internal(module_name: str) -> bool:
     return not _WRAPPER_PARTS.isdisjoint(module_name.split("."))
 
 
+def _as_truncation_cache(cache: Any) -> Any:
+    """Return ``cache`` as an object with ``get_or_compute``, turning a folder path into a TruncationCache."""
+    if cache is None or callable(getattr(cache, "get_or_compute", None)):
+        return cache
+    if isinstance(cache, str | os.PathLike):
+        return TruncationCache(cache)
+    raise TypeError(
+        f"truncation_cache={cache!r} is invalid: expected a folder path, a TruncationCache(folder) "
+        "or None."
+    )
+
+
 def get_kasa_model(
     model: nn.Module,
     config: KasaConfig,
@@ -553,8 +567,8 @@ def get_kasa_model(
         model: any ``nn.Module``; it is modified in place.
         config: the adapter's hyper-parameters.
         adapter_name: the adapter's name.
-        truncation_cache: an optional object with ``get_or_compute(matrix, r, method)``
-            (see ``kasa_peft.truncation_cache.TruncationCache``) that reuses truncations
-            across runs on the same base weights.
+        truncation_cache: a folder path or ``TruncationCache(folder)`` that reuses
+            truncations across runs on the same base weights, or any object with
+            ``get_or_compute(matrix, r, method)``; None computes every truncation.
     """
     return KasaModel(model, config, adapter_name, truncation_cache=truncation_cache)

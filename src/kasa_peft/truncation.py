@@ -102,16 +102,20 @@ class _NotConverged(RuntimeError):
     """Raised inside the fast engine when its result cannot be trusted."""
 
 
-def validate_rank(r: int, shape: tuple[int, int], name: str = "weight") -> None:
-    """Raise ``ValueError`` unless ``0 < r < min(shape)``."""
+def validate_rank(r: int, shape: tuple[int, int], name: str = "weight", *, in_model: bool = True) -> None:
+    """Raise ``ValueError`` unless ``0 < r < min(shape)``.
+
+    ``in_model`` adds the advice to lower this module's rank with ``rank_pattern``, which
+    only applies when the rank comes from a ``KasaConfig``.
+    """
     k = min(shape)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r={r!r} for {name} is invalid: r must be a positive integer.")
     if r >= k:
+        advice = ", or set a smaller rank for this module with rank_pattern" if in_model else ""
         raise ValueError(
             f"r={r} for {name} of shape {tuple(shape)} is too large: KaSA removes the r smallest "
-            f"singular triplets, so r must be below min(out, in)={k}. Choose r <= {k - 1}, or set a "
-            "smaller rank for this module with rank_pattern."
+            f"singular triplets, so r must be below min(out, in)={k}. Choose r <= {k - 1}{advice}."
         )
 
 
@@ -139,7 +143,7 @@ def smallest_singular_triplets(
     _validate_matrix(matrix)
     if method not in TRUNCATION_METHODS:
         raise ValueError(f"truncation method {method!r} is unknown; expected one of {TRUNCATION_METHODS}.")
-    validate_rank(r, (int(matrix.shape[0]), int(matrix.shape[1])))
+    validate_rank(r, (int(matrix.shape[0]), int(matrix.shape[1])), in_model=False)
     if isinstance(tol, bool) or not (isinstance(tol, float | int) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol={tol!r} is invalid: expected a positive finite float such as {DEFAULT_TOL}.")
     matrix = matrix.detach()
@@ -157,7 +161,7 @@ def smallest_singular_triplets(
             u, s, vh = _fast_triplets(matrix, r, float(tol))
         except _NotConverged as error:
             logger.warning(
-                "Fast SVD truncation of a %dx%d weight (r=%d) failed its check: %s. "
+                'The "auto" truncation of a %dx%d weight (r=%d) failed its check: %s. '
                 "Using the exact SVD for this weight instead.",
                 matrix.shape[0],
                 matrix.shape[1],
@@ -172,6 +176,33 @@ def smallest_singular_triplets(
         S=s.to(out_dtype).contiguous(),
         Vh=vh.to(out_dtype).contiguous(),
     )
+
+
+def triplet_errors(matrix: torch.Tensor, result: Truncation) -> tuple[float, float]:
+    """Return how far ``result`` is from being singular triplets of ``matrix``, in float64.
+
+    The first value is the largest residual ``max(||W v_i - s_i u_i||, ||W^T u_i - s_i v_i||)``
+    over the triplets, relative to ``||W||_F`` (0 for a zero matrix). The second is the
+    largest entry of ``U^T U - I`` and ``Vh Vh^T - I``. Both take one pass over row chunks
+    of W, so no float64 copy of the whole matrix is made. Factors rounded to float32 gave
+    up to 5e-8 for either value on random and all-MiniLM-L6-v2 weights.
+    """
+    u = result.U.to(device=matrix.device, dtype=torch.float64)
+    s = result.S.to(device=matrix.device, dtype=torch.float64)
+    v = result.Vh.to(device=matrix.device, dtype=torch.float64).mT
+    wv = torch.empty_like(u)
+    wtu = torch.zeros_like(v)
+    squared_norm = 0.0
+    for start, chunk in _row_chunks(matrix.detach(), _PRODUCT_CHUNK_BYTES):
+        stop = start + chunk.shape[0]
+        torch.matmul(chunk, v, out=wv[start:stop])
+        wtu += chunk.mT @ u[start:stop]
+        squared_norm += float(chunk.square().sum())
+    residual = torch.maximum((wv - u * s).norm(dim=0), (wtu - v * s).norm(dim=0)).max()
+    identity = torch.eye(result.rank, dtype=torch.float64, device=matrix.device)
+    orthogonality = max(float((u.mT @ u - identity).abs().max()), float((v.mT @ v - identity).abs().max()))
+    norm = math.sqrt(squared_norm)
+    return (float(residual) / norm if norm > 0 else float(residual)), orthogonality
 
 
 def _validate_matrix(matrix: torch.Tensor) -> None:
