@@ -141,6 +141,7 @@ def measure_ours(weight: torch.Tensor, r: int) -> tuple[float, Truncation, float
 
 
 def run(shapes: tuple[tuple[int, int], ...], ranks: tuple[int, ...], smoke: bool, seed: int) -> None:
+    print("# Truncation benchmark" + (" (--smoke: tiny shapes, the timings mean nothing)" if smoke else ""))
     print(_common.describe_environment(torch.device("cpu")))
     print()
     # Warm up LAPACK, MKL and the thread pool, so that no timed call pays their start-up.
@@ -216,8 +217,8 @@ def run(shapes: tuple[tuple[int, int], ...], ranks: tuple[int, ...], smoke: bool
     print(_common.format_table(header, rows))
     print()
     if speedups:
-        print(_common.verdict("min speed-up vs float32 svd (large shapes)", min(speedups), SPEEDUP_TARGET,
-                              at_least=True, smoke=smoke))
+        label = "min speed-up vs float32 svd" + ("" if smoke else " (shapes of 4096 and up)")
+        print(_common.verdict(label, min(speedups), SPEEDUP_TARGET, at_least=True, smoke=smoke))
     print(_common.verdict("max error ratio ours / float32 svd", max(error_ratios), ERROR_RATIO_TARGET, smoke=smoke))
 
 
