@@ -639,6 +639,22 @@ def test_triplet_errors_match_dense(monkeypatch: pytest.MonkeyPatch, shape: tupl
     assert truncation.triplet_errors(matrix, damaged)[0] > 1e-3
 
 
+def test_triplet_errors_of_float32_matrix() -> None:
+    generator = torch.Generator().manual_seed(4)
+    matrix = torch.randn(90, 40, generator=generator)
+    exact = smallest_singular_triplets(matrix.double(), 5, "exact")
+    damaged = Truncation(U=exact.U, S=exact.S * 1.5, Vh=exact.Vh)
+
+    for result in (exact, damaged):
+        residual, orthogonality = truncation.triplet_errors(matrix, result)
+        dense_residual, dense_orthogonality = _dense_triplet_errors(matrix, result)
+        # The products run in float32, whose rounding stays far below 1e-6 of ||W||_F here.
+        assert residual == pytest.approx(dense_residual, abs=1e-6)
+        assert orthogonality == pytest.approx(dense_orthogonality, rel=1e-9, abs=1e-15)
+    assert truncation.triplet_errors(matrix, exact)[0] < 1e-6
+    assert truncation.triplet_errors(matrix, damaged)[0] > 1e-3
+
+
 def test_triplet_errors_of_zero_matrix() -> None:
     exact = smallest_singular_triplets(torch.zeros(6, 4), 2, "exact")
 

@@ -13,8 +13,8 @@ stores the ``rank`` smallest triplets in descending order, so a request for ``r 
 is served by slicing the last r of them. A request for more recomputes and replaces the
 entry. Files are written to a temporary name and renamed, so readers never see a
 partial file. A file that cannot be read, does not fit its key, or whose triplets are not
-singular triplets of the weight (checked with one pass over the weight) is logged and
-recomputed.
+singular triplets of the weight (checked with one float32 pass over the weight, about
+0.1 s for 11008 x 4096 on 2 CPU cores) is logged and recomputed.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = "kasa-peft-truncation-1"
 _HASH_CHUNK_BYTES = 64 * 2**20
 # A served entry must have relative residuals and orthogonality errors below this (or
-# below 2 * tol for a looser tol). Stored float32 factors reached at most 5e-8 on random and
-# all-MiniLM-L6-v2 weights, and a damaged entry is far above it.
+# below 2 * tol for a looser tol). Correct entries, stored as float32 factors and checked in
+# float32, reached at most 5e-8 on random and all-MiniLM-L6-v2 weights.
 _ENTRY_CHECK_TOL = 1e-6
 
 
