@@ -8,6 +8,7 @@ Commands run in-process through ``main(argv)``, except one subprocess run of the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -232,6 +233,20 @@ def test_train_config_files_with_override(tiny_model, sentiment_files, tmp_path)
         assert config["text_column"] == ["sentence"]
         assert read_json(output_dir / "adapter_config.json")["config"]["r"] == 3
     assert read_json(tmp_path / "json" / "train_config.json")["seed"] == 3
+
+
+def test_train_truncation_cache_reused_across_seeds(tiny_model, sentiment_files, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="kasa_peft")
+    cache = tmp_path / "truncations"
+    for seed in ("1", "2"):
+        argv = train_argv(tiny_model, sentiment_files, tmp_path / seed, "--seed", seed, "--truncation-cache", str(cache))
+        assert main(argv) == 0
+
+    messages = [record.getMessage() for record in caplog.records if "Truncation cache" in record.getMessage()]
+    assert len(messages) == 2, messages
+    assert messages[0].endswith("0 truncations reused, 4 computed")
+    assert messages[1].endswith("4 truncations reused, 0 computed")
+    assert read_json(tmp_path / "2" / "train_config.json")["truncation_cache"] == str(cache)
 
 
 def test_train_config_unknown_key(tiny_model, tmp_path, capsys):

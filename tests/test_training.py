@@ -179,6 +179,8 @@ def test_options_config_extension_and_missing(tmp_path):
         ({"task": "rte", "batch_size": 0}, "batch_size=0 is invalid"),
         ({"task": "rte", "warmup_ratio": 1.0}, "warmup_ratio=1.0 is invalid"),
         ({"task": "rte", "learning_rate": -1.0}, "learning_rate=-1.0 is invalid"),
+        ({"task": "rte", "truncation_method": "fast"}, "truncation_method 'fast' is unknown"),
+        ({"task": "rte", "method": "lora", "truncation_cache": "tc"}, "only --method kasa computes truncations"),
     ],
 )
 def test_options_validate_rejects(values, message):
@@ -424,6 +426,18 @@ def test_method_save_load_round_trip(tmp_path, method):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
     assert not any(parameter.requires_grad for parameter in loaded.parameters())
     assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_kasa_method_uses_truncation_settings(tmp_path):
+    settings = AdapterSettings(r=4, truncation_method="exact", truncation_cache=str(tmp_path / "cache"))
+
+    first = build_method_model("kasa", tiny_bert(), settings)
+    second = build_method_model("kasa", tiny_bert(), settings)
+
+    assert first.module.peft_config["default"].truncation_method == "exact"
+    # query and value in 2 layers: 4 truncations computed by the first, reused by the second.
+    assert (first.module.truncation_cache.misses, second.module.truncation_cache.hits) == (4, 4)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
 
 
 def test_method_trainable_counts():

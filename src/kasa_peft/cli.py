@@ -37,6 +37,9 @@ _TRAIN_HELP = {
     "target_modules": "module-name suffixes to adapt, comma- or space-separated (default: the model type's, query,value for BERT)",
     "beta": "KaSA singular-value penalty weight",
     "gamma": "KaSA orthogonality penalty weight",
+    "truncation_method": "how KaSA finds the r smallest singular triplets: auto (fast, checked) or exact (full SVD)",
+    "truncation_cache": "folder that keeps KaSA truncations between runs on the same base model (several seeds, "
+    "or ranks up to a cached one)",
     "epochs": "number of passes over the training data",
     "max_steps": "number of optimizer steps; overrides --epochs",
     "batch_size": "training batch size",
@@ -132,6 +135,7 @@ def _flag(name: str) -> str:
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     from kasa_peft.training.methods import DEFAULT_LEARNING_RATES, METHODS
     from kasa_peft.training.options import TrainOptions
+    from kasa_peft.truncation import TRUNCATION_METHODS
 
     parser.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; options typed here override it")
     defaults = TrainOptions().to_dict()
@@ -151,11 +155,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["choices"] = METHODS
         elif name == "problem_type":
             kwargs["choices"] = ("classification", "regression")
+        elif name == "truncation_method":
+            kwargs["choices"] = TRUNCATION_METHODS
         elif name in _INT_OPTIONS:
             kwargs.update(type=int, metavar="N")
         elif name in _FLOAT_OPTIONS:
             kwargs.update(type=float, metavar="X")
-        elif name in ("data_dir", "output_dir"):
+        elif name in ("data_dir", "output_dir", "truncation_cache"):
             kwargs["metavar"] = "DIR"
         elif name in ("train_file", "validation_file"):
             kwargs["metavar"] = "FILE"

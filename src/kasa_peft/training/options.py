@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kasa_peft.training.methods import DEFAULT_LEARNING_RATES, METHODS
+from kasa_peft.truncation import TRUNCATION_METHODS
 
 PROBLEM_TYPES = ("classification", "regression")
 
@@ -55,6 +56,8 @@ class TrainOptions:
     target_modules: list[str] | None = None
     beta: float = 1e-4
     gamma: float = 1e-3
+    truncation_method: str = "auto"
+    truncation_cache: str | None = None
     epochs: int = 3
     max_steps: int | None = None
     batch_size: int = 32
@@ -106,6 +109,15 @@ class TrainOptions:
         """Raise ``OptionsError`` for an invalid value or combination of values."""
         if self.method not in METHODS:
             raise OptionsError(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}.")
+        if self.truncation_method not in TRUNCATION_METHODS:
+            raise OptionsError(
+                f"truncation_method {self.truncation_method!r} is unknown; choose one of {', '.join(TRUNCATION_METHODS)}."
+            )
+        if self.truncation_cache is not None and self.method != "kasa":
+            raise OptionsError(
+                f"truncation_cache is set with method {self.method!r}; only --method kasa computes truncations "
+                "it could reuse, so remove --truncation-cache."
+            )
         if self.problem_type not in PROBLEM_TYPES:
             raise OptionsError(f"problem_type {self.problem_type!r} is invalid; choose one of {', '.join(PROBLEM_TYPES)}.")
         if self.output_dir is None:
@@ -181,6 +193,8 @@ _FIELD_KINDS: dict[str, str] = {
     "target_modules": "str_list",
     "beta": "float",
     "gamma": "float",
+    "truncation_method": "str",
+    "truncation_cache": "str",
     "epochs": "int",
     "max_steps": "int",
     "batch_size": "int",
@@ -210,6 +224,7 @@ _NULLABLE = {
     "validation_file",
     "text_column",
     "target_modules",
+    "truncation_cache",
     "max_steps",
     "eval_batch_size",
     "learning_rate",

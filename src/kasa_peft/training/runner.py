@@ -144,6 +144,8 @@ def _train_logged(options: TrainOptions, output_dir: Path, show_progress: bool |
         target_modules=options.target_modules,
         beta=options.beta,
         gamma=options.gamma,
+        truncation_method=options.truncation_method,
+        truncation_cache=options.truncation_cache,
     )
     method_model = build_method_model(options.method, base, settings)
     method_model.module.to(device)
