@@ -244,8 +244,8 @@ def test_train_truncation_cache_reused_across_seeds(tiny_model, sentiment_files,
 
     messages = [record.getMessage() for record in caplog.records if "Truncation cache" in record.getMessage()]
     assert len(messages) == 2, messages
-    assert messages[0].endswith("0 truncations reused, 4 computed")
-    assert messages[1].endswith("4 truncations reused, 0 computed")
+    assert messages[0].endswith("(auto truncations): 0 reused, 4 computed")
+    assert messages[1].endswith("(auto truncations): 4 reused, 0 computed")
     assert read_json(tmp_path / "2" / "train_config.json")["truncation_cache"] == str(cache)
 
 

@@ -180,7 +180,9 @@ def test_options_config_extension_and_missing(tmp_path):
         ({"task": "rte", "warmup_ratio": 1.0}, "warmup_ratio=1.0 is invalid"),
         ({"task": "rte", "learning_rate": -1.0}, "learning_rate=-1.0 is invalid"),
         ({"task": "rte", "truncation_method": "fast"}, "truncation_method 'fast' is unknown"),
-        ({"task": "rte", "method": "lora", "truncation_cache": "tc"}, "only --method kasa computes truncations"),
+        ({"task": "rte", "method": "lora", "truncation_cache": "tc"}, "remove --truncation-cache"),
+        ({"task": "rte", "method": "full", "truncation_method": "exact"}, "remove --truncation-method"),
+        ({"task": "rte", "truncation_cache": " "}, "truncation_cache is empty"),
     ],
 )
 def test_options_validate_rejects(values, message):

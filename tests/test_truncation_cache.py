@@ -299,6 +299,27 @@ def test_damaged_triplets_are_recomputed(tmp_path: Path, caplog: pytest.LogCaptu
     assert cache.hits == 1
 
 
+@pytest.mark.parametrize("change", ["negated", "ascending"])
+def test_invalid_singular_values_are_recomputed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, change: str
+) -> None:
+    cache = TruncationCache(tmp_path)
+    weight = make_weight()
+    stored = cache.get_or_compute(weight, 6)
+    if change == "negated":  # still singular triplets in the residual sense
+        tensors = {"U": -stored.U, "S": -stored.S, "Vh": stored.Vh}
+    else:
+        tensors = {"U": stored.U.flip(1), "S": stored.S.flip(0), "Vh": stored.Vh.flip(0)}
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, cache.entry_path(weight))
+
+    caplog.set_level(logging.WARNING, logger="kasa_peft.truncation_cache")
+    result = cache.get_or_compute(weight, 4)
+
+    assert (cache.misses, cache.hits) == (2, 0)
+    assert_same(result, smallest_singular_triplets(weight, 4))
+    assert any("descending order" in record.getMessage() for record in caplog.records)
+
+
 def test_loose_tol_entry_is_served(tmp_path: Path) -> None:
     cache = TruncationCache(tmp_path)
     weight = make_weight()

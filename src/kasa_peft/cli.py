@@ -37,7 +37,8 @@ _TRAIN_HELP = {
     "target_modules": "module-name suffixes to adapt, comma- or space-separated (default: the model type's, query,value for BERT)",
     "beta": "KaSA singular-value penalty weight",
     "gamma": "KaSA orthogonality penalty weight",
-    "truncation_method": "how KaSA finds the r smallest singular triplets: auto (fast, checked) or exact (full SVD)",
+    "truncation_method": "how KaSA finds the r smallest singular triplets: auto (fast, checked) or exact (full SVD) "
+    "(default: auto)",
     "truncation_cache": "folder that keeps KaSA truncations between runs on the same base model (several seeds, "
     "or ranks up to a cached one)",
     "epochs": "number of passes over the training data",

@@ -13,8 +13,11 @@ stores the ``rank`` smallest triplets in descending order, so a request for ``r 
 is served by slicing the last r of them. A request for more recomputes and replaces the
 entry. Files are written to a temporary name and renamed, so readers never see a
 partial file. A file that cannot be read, does not fit its key, or whose triplets are not
-singular triplets of the weight (checked with one float32 pass over the weight, about
-0.1 s for 11008 x 4096 on 2 CPU cores) is logged and recomputed.
+singular triplets of the weight with non-negative values in descending order (checked
+with one float32 pass over the weight, about 0.1 s for 11008 x 4096 on 2 CPU cores) is
+logged and recomputed. The check catches damaged files; it cannot tell whether valid
+triplets are the smallest ones, which the key (a digest of the weight) already ties
+to the computation that wrote them.
 """
 
 from __future__ import annotations
@@ -126,7 +129,19 @@ class TruncationCache:
 
     @staticmethod
     def _check_triplets(path: Path, matrix: torch.Tensor, served: Truncation, tol: float) -> bool:
-        """Return whether ``served`` are singular triplets of ``matrix``; log a warning if not."""
+        """Return whether ``served`` are singular triplets of ``matrix``; log a warning if not.
+
+        The values must also be non-negative and in descending order. Whether they are the
+        smallest ones cannot be checked without the rest of the spectrum.
+        """
+        values = served.S
+        if bool((values < 0).any()) or bool((values[1:] > values[:-1]).any()):
+            logger.warning(
+                "Truncation cache entry %s holds singular values that are negative or not in descending order; "
+                "recomputing it.",
+                path,
+            )
+            return False
         limit = max(_ENTRY_CHECK_TOL, 2.0 * float(tol))
         residual, orthogonality = truncation.triplet_errors(matrix, served)
         if residual <= limit and orthogonality <= limit:

@@ -59,7 +59,7 @@ class AdapterSettings:
     target_modules: list[str] | None = None
     beta: float = 1e-4
     gamma: float = 1e-3
-    truncation_method: str = "auto"
+    truncation_method: str | None = None  # None: the KaSA default, "auto"
     truncation_cache: str | None = None
 
 
@@ -197,13 +197,17 @@ def build_method_model(method: str, model: nn.Module, settings: AdapterSettings)
             beta=settings.beta,
             gamma=settings.gamma,
             modules_to_save=heads,
-            truncation_method=settings.truncation_method,
+            truncation_method=settings.truncation_method or "auto",
         )
         kasa_model = get_kasa_model(model, config, truncation_cache=settings.truncation_cache)
         cache = kasa_model.truncation_cache
         if cache is not None:
             logger.info(
-                "Truncation cache %s: %d truncations reused, %d computed", cache.directory, cache.hits, cache.misses
+                "Truncation cache %s (%s truncations): %d reused, %d computed",
+                cache.directory,
+                config.truncation_method,
+                cache.hits,
+                cache.misses,
             )
         return KasaMethodModel(kasa_model, heads)
     if method in PEFT_METHODS:

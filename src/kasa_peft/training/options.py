@@ -56,7 +56,7 @@ class TrainOptions:
     target_modules: list[str] | None = None
     beta: float = 1e-4
     gamma: float = 1e-3
-    truncation_method: str = "auto"
+    truncation_method: str | None = None
     truncation_cache: str | None = None
     epochs: int = 3
     max_steps: int | None = None
@@ -109,14 +109,20 @@ class TrainOptions:
         """Raise ``OptionsError`` for an invalid value or combination of values."""
         if self.method not in METHODS:
             raise OptionsError(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}.")
-        if self.truncation_method not in TRUNCATION_METHODS:
+        if self.truncation_method is not None and self.truncation_method not in TRUNCATION_METHODS:
             raise OptionsError(
                 f"truncation_method {self.truncation_method!r} is unknown; choose one of {', '.join(TRUNCATION_METHODS)}."
             )
-        if self.truncation_cache is not None and self.method != "kasa":
+        for name in ("truncation_method", "truncation_cache"):
+            if getattr(self, name) is not None and self.method != "kasa":
+                flag = "--" + name.replace("_", "-")
+                raise OptionsError(
+                    f"{name} is set with method {self.method!r}; only --method kasa computes KaSA truncations, "
+                    f"so remove {flag}."
+                )
+        if self.truncation_cache is not None and not self.truncation_cache.strip():
             raise OptionsError(
-                f"truncation_cache is set with method {self.method!r}; only --method kasa computes truncations "
-                "it could reuse, so remove --truncation-cache."
+                "truncation_cache is empty; pass a folder (--truncation-cache DIR) or leave the option out."
             )
         if self.problem_type not in PROBLEM_TYPES:
             raise OptionsError(f"problem_type {self.problem_type!r} is invalid; choose one of {', '.join(PROBLEM_TYPES)}.")
@@ -224,6 +230,7 @@ _NULLABLE = {
     "validation_file",
     "text_column",
     "target_modules",
+    "truncation_method",
     "truncation_cache",
     "max_steps",
     "eval_batch_size",
