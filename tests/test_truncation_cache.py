@@ -294,7 +294,7 @@ def test_damaged_triplets_are_recomputed(tmp_path: Path, caplog: pytest.LogCaptu
 
     assert (cache.misses, cache.hits) == (2, 0)
     assert_same(result, smallest_singular_triplets(weight, 6))
-    assert any("does not hold singular triplets" in record.getMessage() for record in caplog.records)
+    assert any("does not contain singular triplets" in record.getMessage() for record in caplog.records)
     assert_same(cache.get_or_compute(weight, 6), result)  # the rewritten entry is served
     assert cache.hits == 1
 

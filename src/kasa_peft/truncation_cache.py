@@ -137,7 +137,7 @@ class TruncationCache:
         values = served.S
         if bool((values < 0).any()) or bool((values[1:] > values[:-1]).any()):
             logger.warning(
-                "Truncation cache entry %s holds singular values that are negative or not in descending order; "
+                "Truncation cache entry %s contains singular values that are negative or not in descending order; "
                 "recomputing it.",
                 path,
             )
@@ -147,7 +147,7 @@ class TruncationCache:
         if residual <= limit and orthogonality <= limit:
             return True
         logger.warning(
-            "Truncation cache entry %s does not hold singular triplets of this weight (relative residual "
+            "Truncation cache entry %s does not contain singular triplets of this weight (relative residual "
             "%.1e, orthogonality error %.1e, limit %.1e); recomputing it.",
             path,
             residual,
