@@ -215,6 +215,42 @@ def test_layer_gradients_match_dense_float64(conv1d, dropout):
         assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-10)
 
 
+class FixedMask(nn.Module):
+    """A stand-in for dropout in training mode: multiplies by a fixed mask, so a reference can repeat it."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.reshape(x.shape)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_layer_gradients_with_dropout_in_training(conv1d):
+    # The update branch receives the masked input and the removed branch the plain one.
+    # Everything is float64, so the layer's gradients are held to 1e-10 against plain autograd.
+    layer, adapter = make_layer((7, 5), 2, conv1d=conv1d, dtype=torch.float64, scaling=1.5)
+    generator = torch.Generator().manual_seed(2)
+    mask = (torch.rand(12, 5, generator=generator, dtype=torch.float64) > 0.5) * 2.0
+    adapter.dropout = FixedMask(mask)
+    layer.train()
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 4, 7, dtype=torch.float64)
+    (layer(x) * grad_out).sum().backward()
+
+    w = weight_out_in(layer)
+    u, s, vh = (t.detach().clone() for t in (adapter.removed_U, adapter.removed_S, adapter.removed_Vh))
+    a, b, d = (t.detach().clone().requires_grad_(True) for t in (adapter.lora_A, adapter.lora_B, adapter.lora_diag))
+    x_ref = x.detach().clone().requires_grad_(True)
+    flat = x_ref.reshape(12, 5)
+    expected = flat @ (w - (u * s) @ vh).T + 1.5 * (flat * mask) @ ((b * d) @ a).T + layer.base_layer.bias.detach()
+    (expected.reshape(3, 4, 7) * grad_out).sum().backward()
+
+    for ours, reference in ((x.grad, x_ref.grad), (adapter.lora_A.grad, a.grad), (adapter.lora_B.grad, b.grad), (adapter.lora_diag.grad, d.grad)):
+        assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-10)
+
+
 def test_regularizer_zero_for_orthonormal_factors():
     generator = torch.Generator().manual_seed(0)
     r = 4
