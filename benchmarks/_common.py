@@ -377,17 +377,20 @@ class Wrapped:
     regularizer: Callable[[], torch.Tensor] | None
 
 
-def wrap(method: str, base: nn.Module, spec: ModelSpec, r: int, alpha: float) -> Wrapped:
+def wrap(method: str, base: nn.Module, spec: ModelSpec, r: int, alpha: float, dropout: float = 0.0) -> Wrapped:
     """Prepare ``base`` (modified in place) for ``method`` with rank ``r`` on ``spec.targets``.
 
-    Adapter dropout is 0 for every method and the regularizer weights are both packages'
-    defaults (beta 1e-4, gamma 1e-3), so the methods differ only in the adapter itself.
+    Every adapter method gets the same ``dropout`` (0 by default) and the regularizer
+    weights are both packages' defaults (beta 1e-4, gamma 1e-3), so the methods differ
+    only in the adapter itself.
     """
     modules_to_save = list(spec.modules_to_save) or None
     if method == "kasa_peft":
         from kasa_peft import KasaConfig, get_kasa_model
 
-        config = KasaConfig(r=r, alpha=alpha, target_modules=list(spec.targets), modules_to_save=modules_to_save)
+        config = KasaConfig(
+            r=r, alpha=alpha, dropout=dropout, target_modules=list(spec.targets), modules_to_save=modules_to_save
+        )
         model = get_kasa_model(base, config)
         return Wrapped(model, model.regularization_loss)
     if method in ("peft_lora", "peft_kasa"):
@@ -397,7 +400,7 @@ def wrap(method: str, base: nn.Module, spec: ModelSpec, r: int, alpha: float) ->
         config = peft.LoraConfig(
             r=r,
             lora_alpha=alpha,
-            lora_dropout=0.0,
+            lora_dropout=dropout,
             target_modules=list(spec.targets),
             modules_to_save=modules_to_save,
             kasa_config=kasa_config,

@@ -62,7 +62,10 @@ def prepare(method: str, model: str, shape: dict[str, Any], device: torch.device
     batch = common.to_device(spec.batch(), device)
     gc.collect()
     memory_base = _memory_now(device)
-    setup_seconds, wrapped = common.time_call(lambda: common.wrap(method, base, spec, shape["r"], 2.0 * shape["r"]), device)
+    dropout = shape.get("dropout", 0.0)
+    setup_seconds, wrapped = common.time_call(
+        lambda: common.wrap(method, base, spec, shape["r"], 2.0 * shape["r"], dropout), device
+    )
     wrapped.model.train()
     parameters = common.trainable_parameters(wrapped.model)
     optimizer = torch.optim.AdamW(parameters, lr=1e-5)
@@ -251,6 +254,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method first (default 2, smoke 1)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per method and round (default 2, smoke 1)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of turns in rotating order (default 10, smoke 2)")
+    parser.add_argument(
+        "--dropout", type=float, default=0.0, help="adapter dropout of every adapter method (default 0)"
+    )
     parser.add_argument("--profile", metavar="METHOD", help="print a torch.profiler table for METHOD instead of benchmarking")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
@@ -263,6 +269,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     for model in arguments.models:
         if model not in common.FULL_SHAPES:
             parser.error(f"model {model!r} is unknown: choose from {', '.join(common.FULL_SHAPES)}")
+    if not 0.0 <= arguments.dropout < 1.0:
+        parser.error(f"--dropout {arguments.dropout} is invalid: expected a probability in [0, 1)")
     for name in ("warmup", "steps", "rounds"):
         value = getattr(arguments, name)
         if value is not None and value < (0 if name == "warmup" else 1):
@@ -282,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(arguments.threads)
     common.quiet_libraries()
     shapes = common.SMOKE_SHAPES if arguments.smoke else common.FULL_SHAPES
+    shapes = {model: dict(shape, dropout=arguments.dropout) for model, shape in shapes.items()}
     if arguments.profile:
         profile(arguments.profile, arguments.models, shapes, device)
         return 0
@@ -293,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"step time: {counts['warmup']} warm-up steps per method, then {counts['rounds']} rounds of "
         f"{counts['steps']} steps per method in rotating order, in one process per model; "
-        "AdamW lr 1e-5, alpha = 2 r"
+        f"AdamW lr 1e-5, alpha = 2 r, adapter dropout {arguments.dropout:g}"
     )
     print()
 
