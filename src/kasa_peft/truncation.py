@@ -182,11 +182,10 @@ def triplet_errors(matrix: torch.Tensor, result: Truncation) -> tuple[float, flo
     """Return how far ``result`` is from being singular triplets of ``matrix``.
 
     The first value is the largest residual ``max(||W v_i - s_i u_i||, ||W^T u_i - s_i v_i||)``
-    over the triplets, relative to ``||W||_F`` (0 for a zero matrix). It is computed in
-    float64 for a float64 matrix and in float32 otherwise (a half-precision W is converted
-    in row chunks), and float32 rounding added at most 2e-8 on random and
-    all-MiniLM-L6-v2 weights. The second value is the largest entry of ``U^T U - I`` and
-    ``Vh Vh^T - I``, in float64.
+    over the triplets, relative to ``||W||_F`` (0 for a zero matrix). It is computed over
+    row chunks of W, in float64 for a float64 matrix and in float32 otherwise. Float32
+    rounding added at most 2e-8 on random and all-MiniLM-L6-v2 weights. The second value
+    is the largest entry of ``U^T U - I`` and ``Vh Vh^T - I``, in float64.
     """
     work = torch.float64 if matrix.dtype == torch.float64 else torch.float32
     u = result.U.to(device=matrix.device, dtype=work)
@@ -195,10 +194,7 @@ def triplet_errors(matrix: torch.Tensor, result: Truncation) -> tuple[float, flo
     wv = torch.empty_like(u)
     wtu = torch.zeros_like(v)
     squared_norm = 0.0
-    # A matrix already in the working dtype needs no converted copies, so it is one chunk.
-    rows = matrix.shape[0] if matrix.dtype == work else max(1, _PRODUCT_CHUNK_BYTES // (8 * matrix.shape[1]))
-    for start in range(0, matrix.shape[0], rows):
-        chunk = matrix[start : start + rows].detach().to(work)
+    for start, chunk in _row_chunks(matrix.detach(), _PRODUCT_CHUNK_BYTES, work):
         wv[start : start + chunk.shape[0]] = chunk @ v
         # (U^T W)^T is faster than W^T U for a narrow U in MKL (see _products).
         wtu += (u[start : start + chunk.shape[0]].mT @ chunk).mT
@@ -310,11 +306,11 @@ def _unit_columns(rows: int, count: int, device: torch.device) -> torch.Tensor:
     return columns
 
 
-def _row_chunks(a: torch.Tensor, chunk_bytes: int):
-    """Yield ``(start, float64 copy of a[start:stop])`` over row chunks of about ``chunk_bytes``."""
-    rows = max(1, chunk_bytes // (8 * a.shape[1]))
+def _row_chunks(a: torch.Tensor, chunk_bytes: int, dtype: torch.dtype = torch.float64):
+    """Yield ``(start, a[start:stop] in dtype)`` over row chunks of about ``chunk_bytes`` in that dtype."""
+    rows = max(1, chunk_bytes // (dtype.itemsize * a.shape[1]))
     for start in range(0, a.shape[0], rows):
-        yield start, a[start : start + rows].to(torch.float64)
+        yield start, a[start : start + rows].to(dtype)
 
 
 def _gram(a: torch.Tensor) -> torch.Tensor:
