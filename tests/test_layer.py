@@ -190,6 +190,29 @@ def adapter_with(a: torch.Tensor, b: torch.Tensor, d: torch.Tensor) -> KasaAdapt
     return adapter
 
 
+def assert_gradients_match_dense(layer, adapter, reference) -> None:
+    """Compare the gradients of x, A, B and d of a (3, 4, in) float64 input with a dense reference.
+
+    ``reference(x, truncated, update)`` returns the layer's output without the bias for the
+    flattened (12, in) input, given ``truncated = W - U diag(S) Vh`` and ``update = 1.5 B diag(d) A``.
+    The layer's adapter scaling must be 1.5.
+    """
+    x = torch.randn(3, 4, layer.base_weight_matrix().shape[1], dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(3, 4, layer.base_weight_matrix().shape[0], dtype=torch.float64)
+    (layer(x) * grad_out).sum().backward()
+
+    w = weight_out_in(layer)
+    u, s, vh = (t.detach().clone() for t in (adapter.removed_U, adapter.removed_S, adapter.removed_Vh))
+    a, b, d = (t.detach().clone().requires_grad_(True) for t in (adapter.lora_A, adapter.lora_B, adapter.lora_diag))
+    x_ref = x.detach().clone().requires_grad_(True)
+    flat = x_ref.reshape(12, -1)
+    expected = reference(flat, w - (u * s) @ vh, 1.5 * (b * d) @ a) + layer.base_layer.bias.detach()
+    (expected.reshape(grad_out.shape) * grad_out).sum().backward()
+
+    for ours, expected_grad in ((x.grad, x_ref.grad), (adapter.lora_A.grad, a.grad), (adapter.lora_B.grad, b.grad), (adapter.lora_diag.grad, d.grad)):
+        assert torch.allclose(ours, expected_grad, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("conv1d", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
 def test_layer_gradients_match_dense_float64(conv1d, dropout):
@@ -199,20 +222,11 @@ def test_layer_gradients_match_dense_float64(conv1d, dropout):
     if dropout:
         adapter.dropout = nn.Dropout(dropout)
         layer.eval()
-    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    grad_out = torch.randn(3, 4, 7, dtype=torch.float64)
-    (layer(x) * grad_out).sum().backward()
 
-    w = weight_out_in(layer)
-    u, s, vh = (t.detach().clone() for t in (adapter.removed_U, adapter.removed_S, adapter.removed_Vh))
-    a, b, d = (t.detach().clone().requires_grad_(True) for t in (adapter.lora_A, adapter.lora_B, adapter.lora_diag))
-    x_ref = x.detach().clone().requires_grad_(True)
-    effective = w - (u * s) @ vh + 1.5 * (b * d) @ a
-    expected = x_ref @ effective.T + layer.base_layer.bias.detach()
-    (expected * grad_out).sum().backward()
+    def reference(x_ref, truncated, update):
+        return x_ref @ (truncated + update).T
 
-    for ours, reference in ((x.grad, x_ref.grad), (adapter.lora_A.grad, a.grad), (adapter.lora_B.grad, b.grad), (adapter.lora_diag.grad, d.grad)):
-        assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-10)
+    assert_gradients_match_dense(layer, adapter, reference)
 
 
 class FixedMask(nn.Module):
@@ -235,20 +249,11 @@ def test_layer_gradients_with_dropout_in_training(conv1d):
     mask = (torch.rand(12, 5, generator=generator, dtype=torch.float64) > 0.5) * 2.0
     adapter.dropout = FixedMask(mask)
     layer.train()
-    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    grad_out = torch.randn(3, 4, 7, dtype=torch.float64)
-    (layer(x) * grad_out).sum().backward()
 
-    w = weight_out_in(layer)
-    u, s, vh = (t.detach().clone() for t in (adapter.removed_U, adapter.removed_S, adapter.removed_Vh))
-    a, b, d = (t.detach().clone().requires_grad_(True) for t in (adapter.lora_A, adapter.lora_B, adapter.lora_diag))
-    x_ref = x.detach().clone().requires_grad_(True)
-    flat = x_ref.reshape(12, 5)
-    expected = flat @ (w - (u * s) @ vh).T + 1.5 * (flat * mask) @ ((b * d) @ a).T + layer.base_layer.bias.detach()
-    (expected.reshape(3, 4, 7) * grad_out).sum().backward()
+    def reference(x_ref, truncated, update):
+        return x_ref @ truncated.T + (x_ref * mask) @ update.T
 
-    for ours, reference in ((x.grad, x_ref.grad), (adapter.lora_A.grad, a.grad), (adapter.lora_B.grad, b.grad), (adapter.lora_diag.grad, d.grad)):
-        assert torch.allclose(ours, reference, rtol=1e-10, atol=1e-10)
+    assert_gradients_match_dense(layer, adapter, reference)
 
 
 def test_regularizer_zero_for_orthonormal_factors():
