@@ -632,7 +632,7 @@ def test_triplet_errors_match_dense(monkeypatch: pytest.MonkeyPatch, shape: tupl
     for result in (exact, damaged):
         residual, orthogonality = truncation.triplet_errors(matrix, result)
         dense_residual, dense_orthogonality = _dense_triplet_errors(matrix, result)
-        # Both are float64 computations of the same quantities; they differ by rounding.
+        # Both are float64 computations of the same quantities, so they differ only by rounding.
         assert residual == pytest.approx(dense_residual, rel=1e-9, abs=1e-15)
         assert orthogonality == pytest.approx(dense_orthogonality, rel=1e-9, abs=1e-15)
     assert truncation.triplet_errors(matrix, exact)[0] < 1e-14
