@@ -25,6 +25,7 @@ SCRIPTS = [
     ("train_step.py", ("method", "step ms"), ["## train step: minilm", "## train step: llama"]),
     ("inference.py", ("variant", "forward ms"), ["## inference: minilm", "## inference: llama"]),
     ("float32_gram.py", ("weight", "shape"), ["# float32 Gram matrix"]),
+    ("truncation_profile.py", ("step", "calls"), ["# Truncation profile"]),
 ]
 # Each smoke run took 8-20 s on a busy 2-core CPU; the limit leaves room for a busier one.
 TIMEOUT_SECONDS = 300
