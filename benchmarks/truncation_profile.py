@@ -1,8 +1,9 @@
 """Show where the "auto" truncation engine spends its time on one weight.
 
-Times the engine's internal steps (the Gram product, Cholesky and LU factorizations,
-Krylov block steps, Rayleigh-Ritz checks, orthonormalization, the final products with W)
-by wrapping them for one call, and prints the block steps taken. For scale it also
+Times the engine's internal steps (the Gram product in float32 or float64, Cholesky and
+LU factorizations, Krylov block steps, Rayleigh-Ritz checks, orthonormalization, the
+float64 refinement after a float32 Gram matrix, the products with W) by wrapping them
+for one call, and prints the block steps taken. For scale it also
 measures this machine's float64 and float32 matrix-multiply rates.
 
 The weight is the same Gaussian one that ``benchmarks/truncation.py`` builds for the
@@ -31,7 +32,9 @@ from kasa_peft import truncation  # noqa: E402
 
 # Module functions and solver methods to time, with the label printed for each.
 FUNCTIONS = {
-    "_gram": "Gram product (float64)",
+    "_gram": "Gram product",
+    "_largest_eigenvalue": "largest eigenvalue estimate (float32 Gram)",
+    "_refine": "float64 refinement (float32 Gram)",
     "_cholesky_shifted": "Cholesky factorizations",
     "_square_factor": "LU factorization (square weights)",
     "_products": "products with W",
@@ -45,7 +48,10 @@ METHODS = {
 
 
 def timed(function: Callable, label: str, totals: dict[str, list[float]]) -> Callable:
-    """Return ``function`` wrapped so that each call adds its count and seconds to ``totals[label]``."""
+    """Return ``function`` wrapped so that each call adds its count and seconds to ``totals[label]``.
+
+    The Gram product's label also names the dtype it was called with.
+    """
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -53,7 +59,11 @@ def timed(function: Callable, label: str, totals: dict[str, list[float]]) -> Cal
         try:
             return function(*args, **kwargs)
         finally:
-            entry = totals.setdefault(label, [0, 0.0])
+            key = label
+            if function.__name__ == "_gram":
+                dtype = args[1] if len(args) > 1 else kwargs.get("dtype", torch.float64)
+                key = f"{label} ({str(dtype).removeprefix('torch.')})"
+            entry = totals.setdefault(key, [0, 0.0])
             entry[0] += 1
             entry[1] += time.perf_counter() - start
 

@@ -24,7 +24,7 @@ SCRIPTS = [
     ("reload.py", ("method", "create s"), ["## reload: tiny LLaMA", "## reload: all-MiniLM-L6-v2"]),
     ("train_step.py", ("method", "step ms"), ["## train step: minilm", "## train step: llama"]),
     ("inference.py", ("variant", "forward ms"), ["## inference: minilm", "## inference: llama"]),
-    ("float32_gram.py", ("weight", "shape"), ["# float32 Gram matrix"]),
+    ("float32_gram.py", ("weight", "shape"), ["# float32 Gram matrix", "## float32 Gram path"]),
     ("truncation_profile.py", ("step", "calls"), ["# Truncation profile"]),
 ]
 # Each smoke run took 8-20 s on a busy 2-core CPU; the limit leaves room for a busier one.

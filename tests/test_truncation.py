@@ -160,20 +160,24 @@ MATRICES = {
 }
 
 
-@pytest.fixture(params=["dense", "krylov", "square-lu"])
+@pytest.fixture(params=["dense", "krylov", "float32-gram", "square-lu"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with each eigensolver of the "auto" engine.
 
     Weights with k = min(out, in) up to _DENSE_MAX_K use a full eigendecomposition of the
     Gram matrix. Larger square ones use block Krylov through an LU factorization of the
-    weight ("square-lu"), and the others shift-and-invert block Krylov on the Gram matrix
-    ("krylov", which then also takes square weights). The test matrices are small, so the
-    Krylov paths are forced by lowering the threshold.
+    weight ("square-lu"). The others use shift-and-invert block Krylov on the Gram matrix:
+    tall float32 weights try a float32 Gram matrix with float64 refinement first
+    ("float32-gram", here on every shape), which gives way to the float64 Gram matrix
+    ("krylov", here with the float32 attempt switched off) when its rounding is too coarse.
+    The test matrices are small, so the Krylov paths are forced by lowering the threshold.
     """
     if request.param != "dense":
         monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
-    if request.param == "krylov":
+    if request.param in ("krylov", "float32-gram"):
         monkeypatch.setattr(truncation, "_square_factor", lambda a: None)
+    aspect = 1.0 if request.param == "float32-gram" else math.inf
+    monkeypatch.setattr(truncation, "_FLOAT32_GRAM_ASPECT", aspect)
     return request.param
 
 
@@ -309,6 +313,129 @@ def test_float32_start_then_float64(monkeypatch: pytest.MonkeyPatch, caplog: pyt
         assert any(expected_message in message for message in messages), (name, messages)
         assert not any(record.levelno >= logging.WARNING for record in caplog.records)
         assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(r)), name
+
+
+def _debug_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records]
+
+
+def _record_gram_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    dtypes: list[torch.dtype] = []
+    gram = truncation._gram
+
+    def recording(a: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        dtypes.append(dtype)
+        return gram(a, dtype)
+
+    monkeypatch.setattr(truncation, "_gram", recording)
+    return dtypes
+
+
+@pytest.mark.parametrize(
+    ("name", "r", "dtype"),
+    [
+        ("gaussian 1536x512", 8, torch.float32),
+        ("gaussian 1536x512", 64, torch.float32),
+        ("gaussian 512x1536", 8, torch.float32),
+        ("gaussian 1536x512", 8, torch.bfloat16),
+        ("decay2 512x1536", 8, torch.float32),  # condition number 100: two refinement steps
+    ],
+)
+def test_float32_gram_with_float64_refinement(
+    name: str,
+    r: int,
+    dtype: torch.dtype,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_fallback: None,
+) -> None:
+    # Tall (or wide) Gaussian weights are well conditioned, so their float32 Gram matrix
+    # locates the smallest singular vectors and float64 products with W finish the digits.
+    # No float64 Gram matrix is formed, and the result must meet the same accuracy.
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    dtypes = _record_gram_dtypes(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="kasa_peft.truncation")
+    matrix = MATRICES[name]().to(dtype)
+    ref = _cached_reference(name) if dtype == torch.float32 else reference(matrix)
+    result = smallest_singular_triplets(matrix, r)
+
+    messages = _debug_messages(caplog)
+    assert dtypes == [torch.float32], messages
+    assert any(message.startswith("refinement step") for message in messages), messages
+    assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(r)), name
+    # The acceptance test is the engine's own residual bound (tol = 1e-8), computed
+    # here again from a float64 copy of W; the float32 output rounding adds about 1e-8.
+    assert max(relative_residuals(matrix, result)) <= 3e-8
+
+
+@pytest.mark.parametrize("name", ["decay3 1536x512", "decay6 768x512"])
+def test_coarse_float32_gram_gives_way_to_float64(
+    name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, no_fallback: None
+) -> None:
+    # With condition numbers of 1e3 and more, float32 solves with the rounded Gram matrix
+    # lose most digits. The solver must notice at its first check and hand over to the
+    # float64 Gram matrix, which reaches the accuracy.
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    dtypes = _record_gram_dtypes(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="kasa_peft.truncation")
+    ref = _cached_reference(name)
+    result = smallest_singular_triplets(MATRICES[name](), 8)
+
+    messages = _debug_messages(caplog)
+    assert dtypes == [torch.float32, torch.float64], messages
+    assert any("float32 solves with it lose too many digits" in message for message in messages), messages
+    # It gave up at the first check (block step 2), before any refinement.
+    assert not any(message.startswith("refinement step") for message in messages), messages
+    assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(8)), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected_message"),
+    [
+        # The second estimate, of the residual floor that refinement would have to close,
+        # with its limit lowered so that it triggers.
+        ({"_FLOAT32_GRAM_MAX_FLOOR": 0.01}, "predicted residual floor"),
+        # A float32 phase stopped early, with no refinement step allowed, misses tol.
+        ({"_FLOAT32_GRAM_TARGET": 1e4, "_MAX_REFINE_STEPS": 0}, "refinement stopped"),
+    ],
+    ids=["floor-estimate", "refinement"],
+)
+def test_float32_gram_gives_way_without_warning(
+    overrides: dict[str, float],
+    expected_message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    no_fallback: None,
+) -> None:
+    # Either way the float64 Gram matrix takes over, silently and with full accuracy.
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    for name, value in overrides.items():
+        monkeypatch.setattr(truncation, name, value)
+    dtypes = _record_gram_dtypes(monkeypatch)
+    caplog.set_level(logging.DEBUG, logger="kasa_peft.truncation")
+    ref = _cached_reference("gaussian 1536x512")
+    result = smallest_singular_triplets(MATRICES["gaussian 1536x512"](), 8)
+
+    messages = _debug_messages(caplog)
+    assert dtypes == [torch.float32, torch.float64], messages
+    assert any(expected_message in message for message in messages), messages
+    assert ref.error(result) <= ERROR_RATIO * ref.error(ref.float32_svd(8))
+
+
+def test_float32_gram_only_for_ieee_float32_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Float64 weights keep the float64 Gram matrix, and so do float32 weights when float32
+    # products may run in TF32 or bfloat16 (torch.set_float32_matmul_precision).
+    monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
+    dtypes = _record_gram_dtypes(monkeypatch)
+    matrix = MATRICES["gaussian 1536x512"]()
+    smallest_singular_triplets(matrix.double(), 8)
+    assert dtypes == [torch.float64]
+
+    tall = matrix
+    assert truncation._float32_gram_applies(tall)
+    assert not truncation._float32_gram_applies(tall[:600])  # too close to square
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert not truncation._float32_gram_applies(tall)
 
 
 def test_no_refactorization_without_a_new_shift(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -668,20 +795,37 @@ def test_triplet_errors_of_zero_matrix() -> None:
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_gram_matches_dense_product(monkeypatch: pytest.MonkeyPatch, transposed: bool) -> None:
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_gram_matches_dense_product(
+    monkeypatch: pytest.MonkeyPatch, transposed: bool, dtype: torch.dtype, tolerance: float
+) -> None:
     # Tiny chunks and blocks that do not divide the sizes exercise every edge of the blocking.
+    # The tolerance is relative to the largest entry: float64 rounding, or float32 rounding
+    # over sums of 100 products.
     monkeypatch.setattr(truncation, "_CHUNK_BYTES", 8 * 37 * 13)
     monkeypatch.setattr(truncation, "_GRAM_BLOCK", 7)
     generator = torch.Generator().manual_seed(41)
     base = torch.randn(100, 37, generator=generator)
     a = base.mT.contiguous().mT if transposed else base  # same values, column-major storage
 
-    gram = truncation._gram(a)
+    gram = truncation._gram(a, dtype)
 
     expected = base.double().mT @ base.double()
-    assert gram.dtype == torch.float64
-    assert float((gram - expected).abs().max()) <= 1e-12 * float(expected.abs().max())
+    assert gram.dtype == dtype
+    assert float((gram.double() - expected).abs().max()) <= tolerance * float(expected.abs().max())
     assert torch.equal(gram, gram.mT)
+
+
+def test_largest_eigenvalue_estimate_is_close_from_below() -> None:
+    # The floor prediction needs lambda_max within a small factor; the power iteration
+    # returns a Rayleigh quotient, so never more than the true value.
+    matrix = MATRICES["gaussian 1536x512"]().double()
+    gram = matrix.mT @ matrix
+    exact = float(torch.linalg.eigvalsh(gram)[-1])
+
+    estimate = truncation._largest_eigenvalue(gram.float())
+
+    assert 0.7 * exact <= estimate <= exact * (1 + 1e-6)
 
 
 def test_products_match_dense(monkeypatch: pytest.MonkeyPatch) -> None:
