@@ -28,17 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common  # noqa: E402
-from kasa_peft import truncation  # noqa: E402
+from kasa_peft import _chunked, _krylov, truncation  # noqa: E402
 
-# Module functions and solver methods to time, with the label printed for each.
+# Module functions and solver methods to time, with the label printed for each. The
+# engine calls these through their modules, so replacing the module attribute times them.
 FUNCTIONS = {
-    "_gram": "Gram product",
-    "_largest_eigenvalue": "largest eigenvalue estimate (float32 Gram)",
-    "_refine": "float64 refinement (float32 Gram)",
-    "_cholesky_shifted": "Cholesky factorizations",
-    "_square_factor": "LU factorization (square weights)",
-    "_products": "products with W",
-    "_orthonormalize": "orthonormalization",
+    (_chunked, "gram"): "Gram product",
+    (_krylov, "largest_eigenvalue"): "largest eigenvalue estimate (float32 Gram)",
+    (truncation, "_refine"): "float64 refinement (float32 Gram)",
+    (_krylov, "cholesky_shifted"): "Cholesky factorizations",
+    (_krylov, "square_factor"): "LU factorization (square weights)",
+    (_chunked, "products"): "products with W",
+    (_krylov, "orthonormalize"): "orthonormalization",
 }
 METHODS = {
     "_expand": "Krylov block steps",
@@ -52,6 +53,7 @@ def timed(function: Callable, label: str, totals: dict[str, list[float]]) -> Cal
 
     The Gram product's label also names the dtype it was called with.
     """
+    names_dtype = function is _chunked.gram  # checked now, before the module attribute is replaced
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -60,7 +62,7 @@ def timed(function: Callable, label: str, totals: dict[str, list[float]]) -> Cal
             return function(*args, **kwargs)
         finally:
             key = label
-            if function.__name__ == "_gram":
+            if names_dtype:
                 dtype = args[1] if len(args) > 1 else kwargs.get("dtype", torch.float64)
                 key = f"{label} ({str(dtype).removeprefix('torch.')})"
             entry = totals.setdefault(key, [0, 0.0])
@@ -88,11 +90,11 @@ def _seconds(call: Callable) -> float:
 def profile(weight: torch.Tensor, r: int) -> tuple[float, dict[str, list[float]], int]:
     """Return the total seconds, per-step totals and block steps of one ``"auto"`` call."""
     totals: dict[str, list[float]] = {}
-    originals = {name: getattr(truncation, name) for name in FUNCTIONS}
-    solver_classes = (truncation._ShiftInvertKrylov, truncation._SquareKrylov)
+    originals = {key: getattr(*key) for key in FUNCTIONS}
+    solver_classes = (_krylov.ShiftInvertKrylov, _krylov.SquareKrylov)
     method_originals = [(cls, name, cls.__dict__[name]) for cls in solver_classes for name in METHODS if name in cls.__dict__]
     steps = []
-    original_solve = truncation._ShiftInvertKrylov.solve
+    original_solve = _krylov.ShiftInvertKrylov.solve
 
     def solve(self, *args, **kwargs):
         try:
@@ -101,18 +103,18 @@ def profile(weight: torch.Tensor, r: int) -> tuple[float, dict[str, list[float]]
             steps.append(self.steps)
 
     try:
-        for name, label in FUNCTIONS.items():
-            setattr(truncation, name, timed(originals[name], label, totals))
+        for (module, name), label in FUNCTIONS.items():
+            setattr(module, name, timed(originals[module, name], label, totals))
         for cls, name, function in method_originals:
             setattr(cls, name, timed(function, METHODS[name], totals))
-        truncation._ShiftInvertKrylov.solve = solve
+        _krylov.ShiftInvertKrylov.solve = solve
         seconds = _seconds(lambda: truncation.smallest_singular_triplets(weight, r))
     finally:
-        for name, function in originals.items():
-            setattr(truncation, name, function)
+        for (module, name), function in originals.items():
+            setattr(module, name, function)
         for cls, name, function in method_originals:
             setattr(cls, name, function)
-        truncation._ShiftInvertKrylov.solve = original_solve
+        _krylov.ShiftInvertKrylov.solve = original_solve
     return seconds, totals, sum(steps)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kasa_peft import truncation
+from kasa_peft import _chunked, _krylov, truncation
 from kasa_peft.truncation import (
     TRUNCATION_METHODS,
     Truncation,
@@ -175,7 +175,7 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     if request.param != "dense":
         monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
     if request.param in ("krylov", "float32-gram"):
-        monkeypatch.setattr(truncation, "_square_factor", lambda a: None)
+        monkeypatch.setattr(_krylov, "square_factor", lambda a: None)
     aspect = 1.0 if request.param == "float32-gram" else math.inf
     monkeypatch.setattr(truncation, "_FLOAT32_GRAM_ASPECT", aspect)
     return request.param
@@ -321,13 +321,13 @@ def _debug_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def _record_gram_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
     dtypes: list[torch.dtype] = []
-    gram = truncation._gram
+    gram = _chunked.gram
 
     def recording(a: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         dtypes.append(dtype)
         return gram(a, dtype)
 
-    monkeypatch.setattr(truncation, "_gram", recording)
+    monkeypatch.setattr(_chunked, "gram", recording)
     return dtypes
 
 
@@ -443,15 +443,15 @@ def test_no_refactorization_without_a_new_shift(monkeypatch: pytest.MonkeyPatch)
     # and the solver should factor the Gram matrix once. Each extra float64 factorization
     # of a 4096-wide Gram matrix costs about 0.3 s on a 2-core CPU.
     monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
-    monkeypatch.setattr(truncation, "_square_factor", lambda a: None)
+    monkeypatch.setattr(_krylov, "square_factor", lambda a: None)
     shifts: list[float] = []
-    factor = truncation._cholesky_shifted
+    factor = _krylov.cholesky_shifted
 
     def counting_factor(gram: torch.Tensor, shift: float, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
         shifts.append(shift)
         return factor(gram, shift, dtype)
 
-    monkeypatch.setattr(truncation, "_cholesky_shifted", counting_factor)
+    monkeypatch.setattr(_krylov, "cholesky_shifted", counting_factor)
     matrix = torch.randn(1200, 1200, generator=torch.Generator().manual_seed(5))
     smallest_singular_triplets(matrix, 8)
     assert shifts == [0.0]
@@ -465,7 +465,7 @@ def test_square_weight_skips_gram_matrix(monkeypatch: pytest.MonkeyPatch, no_fal
     def no_gram(a: torch.Tensor) -> torch.Tensor:
         raise AssertionError("the Gram matrix was formed")
 
-    monkeypatch.setattr(truncation, "_gram", no_gram)
+    monkeypatch.setattr(_chunked, "gram", no_gram)
     for name in ("gaussian 384x384", "decay4 384x384"):
         ref = _cached_reference(name)
         result = smallest_singular_triplets(MATRICES[name](), 8)
@@ -488,7 +488,7 @@ def test_singular_square_weight_uses_gram_solver(monkeypatch: pytest.MonkeyPatch
     generator = torch.Generator().manual_seed(9)
     matrix = torch.randn(200, 150, dtype=torch.float64, generator=generator)
     matrix = matrix @ torch.randn(150, 200, dtype=torch.float64, generator=generator)
-    assert truncation._square_factor(matrix) is None
+    assert _krylov.square_factor(matrix) is None
     result = smallest_singular_triplets(matrix, 60)
     u, s, vh = torch.linalg.svd(matrix)
     # Rank 150: the 50 zero singular values come out at rounding level, about 1e-12 of ||W||.
@@ -622,7 +622,7 @@ def test_fallback_when_iteration_budget_is_zero(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(truncation, "_DENSE_MAX_K", 0)
-    monkeypatch.setattr(truncation, "_MAX_BLOCK_STEPS", 0)
+    monkeypatch.setattr(_krylov, "MAX_BLOCK_STEPS", 0)
     caplog.set_level(logging.WARNING, logger="kasa_peft.truncation")
     matrix = decaying(512, 256, 3, seed=31)
     result = smallest_singular_triplets(matrix, 8)
@@ -750,7 +750,7 @@ def _dense_triplet_errors(matrix: torch.Tensor, result: Truncation) -> tuple[flo
 @pytest.mark.parametrize("shape", [(70, 30), (30, 70)])
 def test_triplet_errors_match_dense(monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]) -> None:
     # Chunks of 3 rows exercise the row-chunked pass.
-    monkeypatch.setattr(truncation, "_PRODUCT_CHUNK_BYTES", 8 * 3 * shape[1])
+    monkeypatch.setattr(_chunked, "PRODUCT_CHUNK_BYTES", 8 * 3 * shape[1])
     generator = torch.Generator().manual_seed(3)
     matrix = torch.randn(*shape, generator=generator, dtype=torch.float64)
     exact = smallest_singular_triplets(matrix, 5, "exact")
@@ -802,13 +802,13 @@ def test_gram_matches_dense_product(
     # Tiny chunks and blocks that do not divide the sizes exercise every edge of the blocking.
     # The tolerance is relative to the largest entry: float64 rounding, or float32 rounding
     # over sums of 100 products.
-    monkeypatch.setattr(truncation, "_CHUNK_BYTES", 8 * 37 * 13)
-    monkeypatch.setattr(truncation, "_GRAM_BLOCK", 7)
+    monkeypatch.setattr(_chunked, "CHUNK_BYTES", 8 * 37 * 13)
+    monkeypatch.setattr(_chunked, "GRAM_BLOCK", 7)
     generator = torch.Generator().manual_seed(41)
     base = torch.randn(100, 37, generator=generator)
     a = base.mT.contiguous().mT if transposed else base  # same values, column-major storage
 
-    gram = truncation._gram(a, dtype)
+    gram = _chunked.gram(a, dtype)
 
     expected = base.double().mT @ base.double()
     assert gram.dtype == dtype
@@ -823,18 +823,18 @@ def test_largest_eigenvalue_estimate_is_close_from_below() -> None:
     gram = matrix.mT @ matrix
     exact = float(torch.linalg.eigvalsh(gram)[-1])
 
-    estimate = truncation._largest_eigenvalue(gram.float())
+    estimate = _krylov.largest_eigenvalue(gram.float())
 
     assert 0.7 * exact <= estimate <= exact * (1 + 1e-6)
 
 
 def test_products_match_dense(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(truncation, "_PRODUCT_CHUNK_BYTES", 8 * 37 * 11)  # several ragged chunks
+    monkeypatch.setattr(_chunked, "PRODUCT_CHUNK_BYTES", 8 * 37 * 11)  # several ragged chunks
     generator = torch.Generator().manual_seed(43)
     a = torch.randn(100, 37, generator=generator).to(torch.bfloat16)
     x = torch.randn(37, 5, generator=generator, dtype=torch.float64)
 
-    ax, at_ax = truncation._products(a, x)
+    ax, at_ax = _chunked.products(a, x)
 
     dense = a.double()
     assert torch.allclose(ax, dense @ x, rtol=1e-13, atol=1e-13)
@@ -864,7 +864,7 @@ def test_orthonormalize_drops_dependent_columns() -> None:
     fresh = torch.randn(50, 4, generator=generator, dtype=torch.float64)
     duplicate = fresh[:, :1] * 2.0
 
-    q = truncation._orthonormalize(torch.cat([inside, fresh, duplicate], dim=1), basis)
+    q = _krylov.orthonormalize(torch.cat([inside, fresh, duplicate], dim=1), basis)
 
     assert q.shape == (50, 4)
     assert float((q.mT @ q - torch.eye(4, dtype=torch.float64)).abs().max()) <= 1e-12
