@@ -112,8 +112,15 @@ def validate_rank(r: int, shape: tuple[int, int], name: str = "weight", *, in_mo
     only applies when the rank comes from a ``KasaConfig``.
     """
     k = min(shape)
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise ValueError(f"r={r!r} for {name} is invalid: expected a Python int, got {type(r).__name__}; pass int(r).")
+    if r <= 0:
         raise ValueError(f"r={r!r} for {name} is invalid: r must be a positive integer.")
+    if k < 2:
+        raise ValueError(
+            f"{name} of shape {tuple(shape)} cannot be truncated: min(out, in)={k} leaves no rank r "
+            "with 0 < r < min(out, in). Leave this module out of the targets."
+        )
     if r >= k:
         advice = ", or set a smaller rank for this module with rank_pattern" if in_model else ""
         raise ValueError(

@@ -90,7 +90,7 @@ class TruncationCache:
         if method not in TRUNCATION_METHODS:
             raise ValueError(f"truncation method {method!r} is unknown; expected one of {TRUNCATION_METHODS}.")
         shape = (int(matrix.shape[0]), int(matrix.shape[1]))
-        truncation.validate_rank(r, shape)
+        truncation.validate_rank(r, shape, in_model=False)
 
         path = self.entry_path(matrix, method, tol=tol)
         cached = self._load(path, shape)
