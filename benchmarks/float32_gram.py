@@ -21,9 +21,9 @@ A second table times the "auto" engine with and without its float32 Gram path, s
 side, on the tall Gaussian weight and on weights of the same shape with log-evenly
 decaying singular values and a set condition number. It names the path each call took:
 "float32" (float32 Gram matrix and refinement) or "float64 after float32" (the float32
-attempt gave up at its first check). The second is the price ill-conditioned weights pay.
+attempt gave up). The second is the price ill-conditioned weights pay.
 
-Usage: ``python benchmarks/float32_gram.py`` (about 3 minutes on 2 cores) or with
+Usage: ``python benchmarks/float32_gram.py`` (about 4 minutes on 2 cores) or with
 ``--smoke`` for a tiny shape.
 """
 
@@ -152,7 +152,7 @@ def time_paths(label: str, weight: torch.Tensor, r: int) -> list[object]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a tiny random shape only, in a second")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes only (plumbing check)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weight (default 0)")
     args = parser.parse_args(argv)
     out, inp = (160, 64) if args.smoke else (11008, 4096)

@@ -397,8 +397,13 @@ def test_coarse_float32_gram_gives_way_to_float64(
         ({"_FLOAT32_GRAM_MAX_FLOOR": 0.01}, "predicted residual floor"),
         # A float32 phase stopped early, with no refinement step allowed, misses tol.
         ({"_FLOAT32_GRAM_TARGET": 1e4, "_MAX_REFINE_STEPS": 0}, "refinement stopped"),
+        # A float32 phase that cannot reach its limit within its block steps gives up.
+        (
+            {"_FLOAT32_GRAM_TARGET": 1e-3, "_FLOAT32_GRAM_LIMIT": 1e-3, "_FLOAT32_GRAM_MAX_STEPS": 4},
+            "> the float32 phase's limit",
+        ),
     ],
-    ids=["floor-estimate", "refinement"],
+    ids=["floor-estimate", "refinement", "step-limit"],
 )
 def test_float32_gram_gives_way_without_warning(
     overrides: dict[str, float],

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-CHUNK_BYTES = 64 * 2**20  # size of one float64 row chunk of the weight for the Gram product
+CHUNK_BYTES = 64 * 2**20  # size of one row chunk of the weight, in the product's dtype, for the Gram product
 PRODUCT_CHUNK_BYTES = 8 * 2**20  # the same for thin products, which are memory-bound
 GRAM_BLOCK = 256  # column block width of the triangular Gram product
 

@@ -133,6 +133,14 @@ class ShiftInvertKrylov:
         self.shift_attempts = 0
         self._allocate_basis(gram.shape[0], gram.device)
 
+    # What the ``acceptable`` level of solve() is called in its error message.
+    acceptable_name = "tol"
+
+    @property
+    def max_steps(self) -> int:
+        """Return the block steps that solve() may take before giving up."""
+        return MAX_BLOCK_STEPS
+
     def _allocate_basis(self, k: int, device: torch.device) -> None:
         """Create the empty Krylov basis, its image under T and the projected matrix."""
         self.previous_lowest = math.inf
@@ -147,7 +155,8 @@ class ShiftInvertKrylov:
         """Iterate until the residual is below ``target``, or below ``acceptable`` once it stops improving.
 
         Residuals are relative to ``scale`` only in log messages. Raises NotConverged
-        when neither happens within MAX_BLOCK_STEPS block steps.
+        when neither happens within ``max_steps`` block steps (MAX_BLOCK_STEPS unless a
+        subclass sets fewer).
         """
         generator = torch.Generator(device=self.basis.device)
         generator.manual_seed(SEED)
@@ -158,7 +167,7 @@ class ShiftInvertKrylov:
         ritz_vectors = None
         next_check = FIRST_CHECK
         last_check = 0
-        while self.steps < MAX_BLOCK_STEPS:
+        while self.steps < self.max_steps:
             added = self._expand(next_block)
             next_block = self.image[:, self.filled - added : self.filled]
             full = self.filled + self.block > self.basis.shape[1]
@@ -205,7 +214,7 @@ class ShiftInvertKrylov:
             return ritz_vectors
         raise NotConverged(
             f"block Krylov stopped after {self.steps} block steps at max relative residual "
-            f"{residual / scale:.2e} > tol {acceptable / scale:.1e}"
+            f"{residual / scale:.2e} > {self.acceptable_name} {acceptable / scale:.1e}"
         )
 
     def _expand(self, block: torch.Tensor) -> int:
@@ -369,13 +378,25 @@ class Float32GramKrylov(ShiftInvertKrylov):
         *,
         max_solve_error: float,
         max_floor: float,
+        max_steps: int,
     ) -> None:
+        # The factors follow the Gram matrix's dtype (see ShiftInvertKrylov.precision), so
+        # they are float32 throughout. low_precision stays False: it marks the float32
+        # start on a float64 Gram matrix, which this solver never leaves.
         super().__init__(gram, r, block, float32_start=False)
         self.largest = largest_eigenvalue(gram)
         self.fro_norm = fro_norm
         self.tol = tol
         self.max_solve_error = max_solve_error
         self.max_floor = max_floor
+        self.step_limit = max_steps
+
+    acceptable_name = "the float32 phase's limit"
+
+    @property
+    def max_steps(self) -> int:
+        """Return the block steps that solve() may take before giving up."""
+        return min(MAX_BLOCK_STEPS, self.step_limit)
 
     def _rayleigh_ritz(self, target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         result = super()._rayleigh_ritz(target)
@@ -427,7 +448,7 @@ def _proposed_shifts(
     factor of 5. When the smallest Ritz value moved less than that quarter since the last check
     (``lowest_change``), a closer proposal without the residual margin comes first:
     extreme Ritz values converge fast, so it usually lies below the spectrum already, and
-    the Cholesky factorization tells.
+    the Cholesky factorization shows whether it does.
     """
     lowest = float(theta[0])
     spread = float(theta[max(r, 2) - 1]) - lowest

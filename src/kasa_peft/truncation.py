@@ -11,7 +11,7 @@ singular values, from the effective base weight. This module computes that compo
 1. Form ``G = A^T A`` (k x k) in float64 from float64 copies of row chunks of ``A``,
    computing only the upper block triangle. No float64 copy of the whole weight exists.
    A square weight with k > _DENSE_MAX_K skips G: a float64 LU factorization of A gives
-   ``G^{-1} x = A^{-1} A^{-T} x`` at a third of the cost of forming and factoring G, and
+   ``G^{-1} x = A^{-1} A^{-T} x`` at half the cost of forming and factoring G, and
    step 2 runs with that operator and no shift (see _krylov.SquareKrylov).
 2. Find the eigenvectors of the smallest eigenvalues of ``G``. For k <= _DENSE_MAX_K a
    full ``eigh`` is fastest. Above, shift-and-invert block Krylov: factor
@@ -19,8 +19,9 @@ singular values, from the effective base weight. This module computes that compo
    ``(L L^T)^{-1}``, which turns the wanted eigenvalues into the largest ones. When the
    smallest eigenvalues are bunched far from zero (typical of tall weights), refactor once
    with ``mu`` just below them; Cholesky success proves ``mu`` is below the spectrum, so no
-   wanted eigenvalue can be skipped. Tall weights start with a float32 factor, which is
-   enough to locate that shift, and switch to float64 for the remaining digits.
+   wanted eigenvalue can be skipped. On this float64 G, tall weights start the solver
+   with a float32 Cholesky factor of G, which is enough to locate that shift, and switch
+   to a float64 factor for the remaining digits.
 3. Rayleigh-Ritz on ``A``: the SVD of the thin product ``A V`` gives U, S and V.
 4. Check ``||A v - s u||`` and ``||A^T u - s v||`` of every triplet against
    ``tol * ||A||_F``. If the check fails, log a warning and use ``"exact"``.
@@ -29,10 +30,12 @@ Tall weights stored in float32 or less, with k > _DENSE_MAX_K, first try a cheap
 variant of steps 1-3 (see _float32_gram_triplets): form G in float32, in half the time,
 run step 2 on it with float32 factors, then refine with block Davidson steps that use
 float64 products with A. Each step repeats step 3 on a basis grown by the float32
-factor's inverse applied to the exact residuals ``A^T A v - s^2 v``. From its first Ritz
-values the solver estimates how much the float32 rounding of G costs. It hands over to
-the float64 G at that first check when the cost is too high (by those estimates, from a
-condition number of about 130), or when refinement does not reach tol in a few steps.
+factor's inverse applied to the exact residuals ``A^T A v - s^2 v``. At every check the
+solver estimates from its Ritz values how much the float32 rounding of G costs. It hands
+over to the float64 G when that cost is too high, which the first check usually shows
+(by those estimates, from a condition number of about 130). It also hands over when its
+float32 phase stalls above a loose limit or runs out of block steps, and when
+refinement does not reach tol in a few steps.
 
 Why: the cost is the Gram product (M k^2 flops) plus one or two Cholesky factorizations
 (k^3 / 3 flops), all at matrix-multiply speed, whereas an SVD spends most of its time in
@@ -77,6 +80,8 @@ _FLOAT32_GRAM_ASPECT = 1.25  # M / k from which a float32 weight's Gram matrix i
 _FLOAT32_GRAM_MAX_FLOOR = 20.0  # largest predicted residual floor of that matrix, in multiples of tol
 _FLOAT32_GRAM_MAX_SOLVE_ERROR = 2e-3  # largest estimated relative error of float32 solves with it
 _FLOAT32_GRAM_TARGET = 10.0  # the float32 Krylov phase aims at this multiple of tol (see _float32_gram_triplets)
+_FLOAT32_GRAM_LIMIT = 1000.0  # and hands a stalled result to refinement when below this multiple
+_FLOAT32_GRAM_MAX_STEPS = 30  # block steps of the float32 Krylov phase before it gives up
 _MAX_REFINE_POWERS = 4  # Krylov powers of the correction that one refinement step adds at most
 _MAX_REFINE_STEPS = 3  # Davidson steps with float64 products with W after the float32 phase
 _TARGET_FACTOR = 0.2  # the iteration aims at this fraction of tol, then stops
@@ -260,7 +265,7 @@ def _fast_triplets(matrix: torch.Tensor, r: int, tol: float) -> tuple[torch.Tens
     factorization = _krylov.square_factor(a) if square else None
     found = None
     if factorization is None and k > _DENSE_MAX_K and _float32_gram_applies(a):
-        found = _float32_gram_triplets(a, r, tol)
+        found = _float32_gram_triplets(a, r, tol, f"{matrix.shape[0]}x{matrix.shape[1]}")
     if found is not None:
         u, s, v, residual = found
     else:
@@ -278,7 +283,8 @@ def _fast_triplets(matrix: torch.Tensor, r: int, tol: float) -> tuple[torch.Tens
 
     if not residual <= tol:
         raise NotConverged(f"max relative residual {residual:.2e} > tol {tol:.1e} after Rayleigh-Ritz")
-    logger.debug("fast truncation of %s, r=%d: max relative residual %.2e", tuple(matrix.shape), r, residual)
+    path = "float32 Gram matrix, float64 refinement" if found is not None else "float64"
+    logger.debug("fast truncation of %s, r=%d (%s): max relative residual %.2e", tuple(matrix.shape), r, path, residual)
 
     if transposed:  # W = A^T, so the roles of u and v swap
         return v, s, u.mT
@@ -352,9 +358,11 @@ def _float32_gram_applies(a: torch.Tensor) -> bool:
 
 
 def _float32_gram_triplets(
-    a: torch.Tensor, r: int, tol: float
+    a: torch.Tensor, r: int, tol: float, label: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
     """Return U, S, V and the residual of the r smallest triplets of the tall ``a``, or None.
+
+    ``label`` names the weight in log messages.
 
     Forms ``G32 = A^T A`` in float32 (half the time of float64), runs the block Krylov
     solver on it with float32 factors, then refines with float64 products with A (see
@@ -377,20 +385,18 @@ def _float32_gram_triplets(
             tol,
             max_solve_error=_FLOAT32_GRAM_MAX_SOLVE_ERROR,
             max_floor=_FLOAT32_GRAM_MAX_FLOOR,
+            max_steps=_FLOAT32_GRAM_MAX_STEPS,
         )
-        target = _FLOAT32_GRAM_TARGET * tol * fro_norm
-        basis = solver.solve(target, 10.0 * target, fro_norm)
-        factor = solver.factor
+        basis = solver.solve(_FLOAT32_GRAM_TARGET * tol * fro_norm, _FLOAT32_GRAM_LIMIT * tol * fro_norm, fro_norm)
     except NotConverged as error:
-        logger.debug("float32 Gram matrix of %s not used: %s", tuple(a.shape), error)
+        logger.debug("float32 Gram matrix of the %s weight not used: %s", label, error)
         return None
-    finally:
-        del gram
-    del solver
+    factor = solver.factor
+    del solver, gram  # only the float32 factor is needed from here on
     try:
         return _refine(a, basis, r, factor, fro_norm, tol)
     except NotConverged as error:
-        logger.debug("float32 Gram matrix of %s not used: %s", tuple(a.shape), error)
+        logger.debug("float32 Gram matrix of the %s weight not used: %s", label, error)
         return None
 
 
