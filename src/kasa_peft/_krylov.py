@@ -290,9 +290,9 @@ class ShiftInvertKrylov:
         if not proposals:
             return False
         if not self.low_precision:
-            # Drop the float64 factor before making the next, so that at most two k x k
-            # float64 matrices (G and one factor) exist at once. It is rebuilt if no
-            # proposal works.
+            # Drop the current factor (in G's precision) before making the next, so that
+            # at most two k x k matrices (G and one factor) exist at once. It is rebuilt
+            # if no proposal works.
             self.factor = None
         for proposal in proposals[: 2 - self.shift_attempts]:
             self.shift_attempts += 1
