@@ -404,11 +404,22 @@ class Float32GramKrylov(ShiftInvertKrylov):
         eps = torch.finfo(torch.float32).eps
         solve_error = eps * self.largest / lowest if lowest > 0.0 else math.inf
         floor = eps * self.fro_norm / (self.gram.shape[0] * math.sqrt(lowest)) if lowest > 0.0 else math.inf
-        logger.debug("float32 Gram check: solve error %.1e, predicted floor %.1f tol", solve_error, floor / self.tol)
+        logger.debug(
+            "float32 Gram check: solve error %.2e (limit %.1e), predicted floor %.1f x tol (limit %g x tol)",
+            solve_error,
+            self.max_solve_error,
+            floor / self.tol,
+            self.max_floor,
+        )
         if solve_error > self.max_solve_error:
-            raise NotConverged(f"float32 solves with it lose too many digits (relative error {solve_error:.1e})")
+            raise NotConverged(
+                f"float32 solves with it lose too many digits "
+                f"(relative error {solve_error:.2e} > limit {self.max_solve_error:.1e})"
+            )
         if floor > self.max_floor * self.tol:
-            raise NotConverged(f"its rounding leaves a predicted residual floor of {floor:.1e} > {self.max_floor:g} tol")
+            raise NotConverged(
+                f"its rounding leaves a predicted residual floor of {floor:.1e} > limit {self.max_floor:g} x tol"
+            )
         return result
 
 

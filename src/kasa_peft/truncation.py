@@ -113,8 +113,8 @@ class Truncation:
 def validate_rank(r: int, shape: tuple[int, int], name: str = "weight", *, in_model: bool = True) -> None:
     """Raise ``ValueError`` unless ``0 < r < min(shape)``.
 
-    ``in_model`` adds the advice to lower this module's rank with ``rank_pattern``, which
-    only applies when the rank comes from a ``KasaConfig``.
+    ``in_model`` adds advice that only applies when the rank comes from a ``KasaConfig``:
+    lowering this module's rank with ``rank_pattern``, or leaving the module out.
     """
     k = min(shape)
     if not isinstance(r, int) or isinstance(r, bool):
@@ -122,9 +122,10 @@ def validate_rank(r: int, shape: tuple[int, int], name: str = "weight", *, in_mo
     if r <= 0:
         raise ValueError(f"r={r!r} for {name} is invalid: r must be a positive integer.")
     if k < 2:
+        advice = " Leave this module out of the targets." if in_model else ""
         raise ValueError(
             f"{name} of shape {tuple(shape)} cannot be truncated: min(out, in)={k} leaves no rank r "
-            "with 0 < r < min(out, in). Leave this module out of the targets."
+            f"with 0 < r < min(out, in).{advice}"
         )
     if r >= k:
         advice = ", or set a smaller rank for this module with rank_pattern" if in_model else ""
@@ -263,9 +264,11 @@ def _fast_triplets(matrix: torch.Tensor, r: int, tol: float) -> tuple[torch.Tens
     # the float64 factor.
     fro_norm = float(torch.linalg.vector_norm(a, dtype=torch.float64)) if square else 0.0
     factorization = _krylov.square_factor(a) if square else None
+    label = f"{matrix.shape[0]}x{matrix.shape[1]}"
     found = None
-    if factorization is None and k > _DENSE_MAX_K and _float32_gram_applies(a):
-        found = _float32_gram_triplets(a, r, tol, f"{matrix.shape[0]}x{matrix.shape[1]}")
+    tried_float32 = factorization is None and k > _DENSE_MAX_K and _float32_gram_applies(a)
+    if tried_float32:
+        found = _float32_gram_triplets(a, r, tol, label)
     if found is not None:
         u, s, v, residual = found
     else:
@@ -283,8 +286,11 @@ def _fast_triplets(matrix: torch.Tensor, r: int, tol: float) -> tuple[torch.Tens
 
     if not residual <= tol:
         raise NotConverged(f"max relative residual {residual:.2e} > tol {tol:.1e} after Rayleigh-Ritz")
-    path = "float32 Gram matrix, float64 refinement" if found is not None else "float64"
-    logger.debug("fast truncation of %s, r=%d (%s): max relative residual %.2e", tuple(matrix.shape), r, path, residual)
+    if found is not None:
+        path = "float32 Gram matrix, float64 refinement"
+    else:
+        path = "float64 after float32" if tried_float32 else "float64"
+    logger.debug("fast truncation of the %s weight, r=%d (%s): max relative residual %.2e", label, r, path, residual)
 
     if transposed:  # W = A^T, so the roles of u and v swap
         return v, s, u.mT
@@ -389,14 +395,14 @@ def _float32_gram_triplets(
         )
         basis = solver.solve(_FLOAT32_GRAM_TARGET * tol * fro_norm, _FLOAT32_GRAM_LIMIT * tol * fro_norm, fro_norm)
     except NotConverged as error:
-        logger.debug("float32 Gram matrix of the %s weight not used: %s", label, error)
+        logger.debug("float32 Gram matrix of the %s weight not used, using float64 instead: %s", label, error)
         return None
     factor = solver.factor
     del solver, gram  # only the float32 factor is needed from here on
     try:
         return _refine(a, basis, r, factor, fro_norm, tol)
     except NotConverged as error:
-        logger.debug("float32 Gram matrix of the %s weight not used: %s", label, error)
+        logger.debug("float32 Gram matrix of the %s weight not used, using float64 instead: %s", label, error)
         return None
 
 
