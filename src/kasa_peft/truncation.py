@@ -307,7 +307,7 @@ def _float64_basis(
     with an arbitrary basis.
     """
     k = a.shape[1]
-    block = min(k, max(r + 8, _MIN_BLOCK))
+    block = _krylov_block(k, r)
     if factorization is not None:
         solver = _krylov.SquareKrylov(a, *factorization, r, block)
         del factorization
@@ -319,14 +319,21 @@ def _float64_basis(
         return gram[:, :r], 0.0
     if k <= _DENSE_MAX_K:
         return _lowest_eigenvectors_dense(gram, r), fro_norm
-    # Columns beyond r speed up convergence. Eight extra, or 24 in all for a small r,
-    # measured fastest on 4096-wide Gaussian weights (2-core CPU, torch 2.13).
     # Tall weights usually have their smallest singular values bunched far from zero
     # (the Marchenko-Pastur soft edge of random-like matrices). Locating them for the
     # shift with a float32 factor saves one float64 Cholesky factorization.
     float32_start = a.shape[0] >= _FLOAT32_START_ASPECT * k
     # Only the first r Ritz vectors are converged to the target, so the rest are dropped.
     return _lowest_eigenvectors(gram, r, block, fro_norm, tol, float32_start)[:, :r], fro_norm
+
+
+def _krylov_block(k: int, r: int) -> int:
+    """Return the block width of the Krylov solvers for rank r on a k-wide Gram matrix.
+
+    Columns beyond r speed up convergence. Eight extra, or 24 in all for a small r,
+    measured fastest on 4096-wide Gaussian weights (2-core CPU, torch 2.13).
+    """
+    return min(k, max(r + 8, _MIN_BLOCK))
 
 
 def _ritz_triplets(
@@ -381,7 +388,7 @@ def _float32_gram_triplets(
     fro_norm = float(gram.diagonal().sum(dtype=torch.float64).sqrt())
     if not (math.isfinite(fro_norm) and fro_norm > 0.0):
         return None
-    block = min(a.shape[1], max(r + 8, _MIN_BLOCK))
+    block = _krylov_block(a.shape[1], r)
     try:
         solver = _krylov.Float32GramKrylov(
             gram,
@@ -414,8 +421,9 @@ def _refine(
     Each step is a block Davidson step: a Rayleigh-Ritz step on A over ``span(basis)``,
     then growth of the basis. With R the exact residuals ``A^T A v - s^2 v`` of the r
     wanted Ritz pairs and T the inverse of ``factor``, the new directions are
-    ``T R, T^2 R, ...``, with more powers the further the residual is from tol. T comes from the float32 Gram matrix, but it only
-    has to point at the errors: the Rayleigh-Ritz step and the residuals use A itself.
+    ``T R, T^2 R, ...``, with more powers the further the residual is from tol. T comes
+    from the float32 Gram matrix, but it only has to point at the errors: the
+    Rayleigh-Ritz step and the residuals use A itself.
     The powers share one pass over A, which costs more than the solves. Stops once the
     residual is within tol; raises NotConverged after _MAX_REFINE_STEPS steps.
     """
