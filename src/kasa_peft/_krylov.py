@@ -402,8 +402,11 @@ class Float32GramKrylov(ShiftInvertKrylov):
         result = super()._rayleigh_ritz(target)
         lowest = float(result[0][0])
         eps = torch.finfo(torch.float32).eps
-        solve_error = eps * self.largest / lowest if lowest > 0.0 else math.inf
-        floor = eps * self.fro_norm / (self.gram.shape[0] * math.sqrt(lowest)) if lowest > 0.0 else math.inf
+        if lowest > 0.0:
+            solve_error = eps * self.largest / lowest
+            floor = eps * self.fro_norm / (self.gram.shape[0] * math.sqrt(lowest))
+        else:
+            solve_error = floor = math.inf
         logger.debug(
             "float32 Gram check: solve error %.2e (limit %.1e), predicted floor %.1f x tol (limit %g x tol)",
             solve_error,
@@ -457,8 +460,8 @@ def _proposed_shifts(
     distance that provably contains an eigenvalue. It also stays at least a quarter of the
     wanted Ritz values' spread below it, which keeps the wanted eigenvalues of T within a
     factor of 5. When the smallest Ritz value moved less than that quarter since the last check
-    (``lowest_change``), a closer proposal without the residual margin comes first:
-    extreme Ritz values converge fast, so it usually lies below the spectrum already, and
+    (``lowest_change``), a closer proposal without the residual margin comes first.
+    Extreme Ritz values converge fast, so it usually lies below the spectrum already, and
     the Cholesky factorization shows whether it does.
     """
     lowest = float(theta[0])
